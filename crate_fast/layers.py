@@ -1,0 +1,165 @@
+"""CRATE's building blocks as plain nn.Modules, ready to drop into other models.
+
+- :class:`MSSA`: multi-head subspace self-attention (one bias-free projection, q = k = v).
+- :class:`ISTA`: one non-negative ISTA sparse-coding step with a learned dictionary.
+- :class:`CRATEBlock`: ``z_half = z + MSSA(LN1(z)); z_next = ISTA(LN2(z_half))`` (no outer residual).
+- :class:`PatchEmbed`: official patchify (channel-last patches) -> LN -> Linear -> LN.
+
+Each takes ``impl`` ("auto", "reference", "torch", "triton"); parameters never depend on it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crate_fast.kernels import ista_step, mssa_attention
+from crate_fast.kernels._utils import IMPLS
+from crate_fast.kernels.reference import mssa_attention_ref
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+class MSSA(nn.Module):
+    """Multi-head subspace self-attention. x: (B, N, dim) -> (B, N, dim).
+
+    Per head k, w_k = x U_k (N x dim_head) serves as query, key and value:
+    out = [softmax(w_k w_k^T / sqrt(dim_head)) w_k]_k U_out^T + b_out.
+    ``dropout`` drops attention probabilities and the output, as the official Attention does; while
+    training with dropout > 0 the attention runs on the reference path (the fused kernels have none).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int | None = None, dropout: float = 0.0,
+                 impl: str = "auto"):
+        super().__init__()
+        dim_head = dim // heads if dim_head is None else dim_head
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head ** -0.5
+        self.impl = _check_impl(impl)
+        self.attn_dropout = dropout
+        self.qkv = nn.Linear(dim, inner, bias=False)   # U = [U_1 .. U_K], official name kept
+        # The official code skips the output projection only for one head spanning the whole width.
+        self.out = nn.Linear(inner, dim) if not (heads == 1 and dim_head == dim) else None
+        self.out_drop = nn.Dropout(dropout)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-head subspace coordinates w = x U: (B, N, dim) -> (B, heads, N, dim_head)."""
+        B, N, _ = x.shape
+        return self.qkv(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(w w^T * scale) for each head: (B, N, dim) -> (B, heads, N, N), in fp32."""
+        w = self.project(x).float()
+        return torch.softmax(torch.matmul(w, w.transpose(-1, -2)) * self.scale, dim=-1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        # attn_mask / is_causal exist so MSSA drops into timm-style blocks, which pass them.
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("MSSA attends over all tokens; masks and causal attention are not "
+                                      "supported")
+        B, N, _ = x.shape
+        w = self.project(x)                                            # (B, H, N, D), strided view
+        if self.attn_dropout > 0 and self.training:
+            o = mssa_attention_ref(w, self.scale, self.attn_dropout, training=True)
+        else:
+            o = mssa_attention(w, self.scale, impl=self.impl)
+        o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)   # 'b h n d -> b n (h d)'
+        if self.out is None:
+            return o
+        return self.out_drop(self.out(o))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim_head={self.dim_head}, impl={self.impl!r}"
+
+
+class ISTA(nn.Module):
+    """One ISTA step on a learned dictionary W (dim x dim), row form (tokens are rows):
+    relu(x + eta (x W - x W^T W) - eta lambda). The official FeedForward; lambd is a constant."""
+
+    def __init__(self, dim: int, step_size: float = 0.1, lambd: float = 0.1, impl: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        self.step_size, self.lambd = step_size, lambd
+        self.impl = _check_impl(impl)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight)   # official: a=0, fan_in = dim -> U(+-sqrt(6 / dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ista_step(x, self.weight, self.step_size, self.lambd, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
+
+
+class CRATEBlock(nn.Module):
+    """One CRATE layer: compression (MSSA with residual), then sparsification (ISTA, no residual)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int | None = None, step_size: float = 0.1,
+                 lambd: float = 0.1, dropout: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MSSA(dim, heads, dim_head, dropout=dropout, impl=impl)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ista = ISTA(dim, step_size=step_size, lambd=lambd, impl=impl)
+
+    def set_impl(self, impl: str) -> None:
+        self.attn.impl = self.ista.impl = _check_impl(impl)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z_half = z + self.attn(self.norm1(z))
+        return self.ista(self.norm2(z_half))
+
+
+class PatchEmbed(nn.Module):
+    """Official patch embedding: 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', LN(patch_dim), Linear, LN(dim).
+
+    The patch vector is channel-last (p1, p2, c), not the (c, p1, p2) order of a conv patchify.
+    """
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size, self.in_chans = patch_size, in_chans
+        patch_dim = in_chans * patch_size[0] * patch_size[1]
+        self.norm_in = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+
+    def grid(self, img: torch.Tensor) -> tuple[int, int]:
+        if img.dim() != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(img.shape)}")
+        _, c, h, w = img.shape
+        p1, p2 = self.patch_size
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {c}")
+        if h % p1 or w % p2:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p1}x{p2}")
+        return h // p1, w // p2
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        gh, gw = self.grid(img)
+        B, C = img.shape[:2]
+        p1, p2 = self.patch_size
+        x = img.reshape(B, C, gh, p1, gw, p2).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, p1 * p2 * C)
+        return self.norm_out(self.proj(self.norm_in(x)))
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
+                       new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a (1, 1 + gh*gw, C) table with a leading CLS row, to a new patch grid."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    C = grid.shape[-1]
+    if grid.shape[1] != old_grid[0] * old_grid[1]:
+        raise ValueError(f"position table has {grid.shape[1]} patch rows, not {old_grid[0]}x{old_grid[1]}")
+    grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)

@@ -1,0 +1,1 @@
+"""Data pipelines for crate-fast (installed as ``crate_fast.data``)."""

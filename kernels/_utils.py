@@ -1,0 +1,62 @@
+"""Small shared helpers for the kernel paths: dispatch checks, autocast, Triton availability."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("auto", "reference", "torch", "triton")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU under TRITON_INTERPRET=1 (tests on machines with no GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_supports(t: torch.Tensor) -> bool:
+    """Can the Triton path run on this tensor? CUDA tensors, or CPU tensors under the interpreter."""
+    if not triton_importable():
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def resolve_impl(impl: str, t: torch.Tensor) -> str:
+    """Map "auto" to a concrete path for this tensor; reject names and devices that cannot work."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if t.is_cuda and triton_importable() else "torch"
+    if impl == "triton" and not triton_supports(t):
+        why = "triton is not installed" if not triton_importable() else f"the tensor is on {t.device}"
+        raise RuntimeError(f"impl='triton' needs a CUDA tensor and triton ({why}); use impl='torch' or "
+                           "'auto' on this device (tests may set TRITON_INTERPRET=1 to run it on the CPU)")
+    return impl
+
+
+def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Apply the surrounding autocast to a custom op's inputs, as autocast does for F.linear.
+
+    Custom autograd Functions and torch.library ops are not cast by autocast themselves; casting here,
+    outside them, lets autograd cast the gradients back to the parameters' dtype.
+    """
+    dev = tensors[0].device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    return tensors
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"inputs must share one dtype (or run under torch.autocast), got {dtypes}")

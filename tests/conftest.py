@@ -1,0 +1,33 @@
+"""Test session setup: Triton kernels run under the CPU interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before any @triton.jit kernel is defined; crate_fast imports its Triton
+modules lazily, so setting it here (after torch, before the kernels) is early enough.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# fp32 comparisons mean real fp32: no TF32 matmuls on GPUs that would otherwise use them.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# Where Triton kernels run in this session: the GPU, or the CPU through the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,115 @@
+"""Official checkpoint import/export: same logits as the official model, strict, clear errors."""
+import pytest
+import torch
+from official_crate import official_small
+from tolerances import assert_rel
+
+from crate_fast import create_model, load_official_state_dict, to_official_state_dict
+from crate_fast.checkpoint import crate_fast_key, official_key
+
+
+@pytest.fixture(scope="module")
+def official():
+    torch.manual_seed(0)
+    m = official_small(num_classes=10, image_size=32, patch_size=4, depth=12)
+    # Move every parameter off its init so the test would notice a skipped or misplaced tensor.
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+def test_key_maps_are_inverse():
+    m = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, depth=2)
+    for k in m.state_dict():
+        assert crate_fast_key(official_key(k)) == k
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_official_crate_small_same_logits(official, impl):
+    """The issue's acceptance test: crate_small at 32 px / patch 4 (head dim 48), fp32, every impl."""
+    from conftest import KERNEL_DEVICE
+    x = torch.randn(3 if impl != "triton" else 1, 3, 32, 32)
+    with torch.no_grad():
+        ref = official.double()(x.double())
+        official.float()
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, impl=impl)
+    load_official_state_dict(model, {"state_dict": {"module." + k: v for k, v in official.state_dict().items()}})
+    dev = KERNEL_DEVICE if impl == "triton" else "cpu"
+    with torch.no_grad():
+        out = model.to(dev).eval()(x.to(dev)).cpu()
+    assert_rel(out, ref[: x.shape[0]], what=impl)
+
+
+def test_round_trip(official):
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    load_official_state_dict(model, official.state_dict())
+    back = to_official_state_dict(model)
+    assert list(back) == list(official.state_dict())
+    fresh = official_small(num_classes=10, image_size=32, patch_size=4)
+    fresh.load_state_dict(back, strict=True)
+    for k, v in official.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_wrappers_and_prefixes(official, tmp_path):
+    sd = official.state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 3, "arch": "CRATE_small", "best_acc1": torch.tensor(1.0),
+                "state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    for obj in (sd, {"model": sd}, str(path), path):
+        model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+        load_official_state_dict(model, obj)
+        assert torch.equal(model.blocks[3].ista.weight, sd["transformer.layers.3.1.fn.weight"])
+
+
+def test_missing_unexpected_and_mismatched_keys_are_listed(official):
+    sd = dict(official.state_dict())
+    del sd["transformer.layers.0.1.fn.weight"]
+    sd["head.weight"] = torch.zeros(3)
+    sd["mlp_head.1.bias"] = torch.zeros(7)
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError) as e:
+        load_official_state_dict(model, sd)
+    msg = str(e.value)
+    assert "missing keys (1): transformer.layers.0.1.fn.weight" in msg
+    assert "unexpected keys (1): head.weight" in msg
+    assert "mlp_head.1.bias: checkpoint (7,) vs model (10,)" in msg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "partial load"
+
+
+def test_prefix_mismatch_is_an_error_not_a_silent_partial_load(official):
+    sd = {"encoder." + k: v for k, v in official.state_dict().items()}
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        load_official_state_dict(model, sd)
+
+
+def test_depth_mismatch(official):
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, depth=11)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        load_official_state_dict(model, official.state_dict())
+
+
+def test_reset_head_and_new_image_size(official):
+    model = create_model("crate_small", num_classes=4, img_size=48, patch_size=4)
+    head = model.head.weight.clone()
+    load_official_state_dict(model, official.state_dict(), reset_head=True)
+    assert torch.equal(model.head.weight, head)
+    assert model.pos_embed.shape == (1, 145, 576)
+    # The class row is copied; the 8x8 grid is bicubically resized to 12x12.
+    assert torch.equal(model.pos_embed[:, 0], official.pos_embedding[:, 0])
+    with pytest.raises(RuntimeError, match="reset_head=True"):
+        load_official_state_dict(create_model("crate_small", num_classes=4, img_size=32, patch_size=4),
+                                 official.state_dict())
+
+
+def test_bad_objects():
+    model = create_model("crate_tiny", num_classes=2, img_size=16, patch_size=4, depth=1)
+    with pytest.raises(TypeError, match="state_dict"):
+        load_official_state_dict(model, [1, 2])
+    with pytest.raises(TypeError, match="not a tensor"):
+        load_official_state_dict(model, {"epoch": 3})
+    with pytest.raises(ValueError, match="already a crate_fast state_dict"):
+        load_official_state_dict(model, model.state_dict())

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+import crate_fast
+from crate_fast import CRATEConfig, create_model, list_models
+
+# CRATE paper Table 1 (millions) and the exact counts of crate_reference.md §2.
+PAPER = {"crate_tiny": (6.09, 6_090_856), "crate_small": (13.12, 13_116_328),
+         "crate_base": (22.80, 22_796_008), "crate_large": (77.64, 77_641_192)}
+
+
+def test_list_models():
+    assert list_models() == sorted(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_parameter_counts_match_paper(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == PAPER[name][1]
+    assert round(n / 1e6, 2) == PAPER[name][0]
+
+
+def test_preset_dims():
+    cfg = crate_fast.get_config("crate_small")
+    assert (cfg.dim, cfg.heads, cfg.dim_head, cfg.depth) == (576, 12, 48, 12)
+    assert crate_fast.get_config("crate_large").dim_head == 64
+    assert cfg.num_patches == 196 and cfg.grid_size == (14, 14) and cfg.patch_dim == 768
+
+
+def test_config_is_frozen_and_normalized():
+    cfg = CRATEConfig(dim=64, depth=1, heads=2, img_size=(32, 48), patch_size=8)
+    assert cfg.patch_size == (8, 8) and cfg.grid_size == (4, 6)
+    with pytest.raises(Exception):
+        cfg.dim = 3
+    assert cfg.replace(impl="torch").impl == "torch"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=10, depth=1, heads=3), "not divisible by heads"),
+    (dict(dim=64, depth=1, heads=2, img_size=30, patch_size=4), "not divisible by patch_size"),
+    (dict(dim=64, depth=1, heads=2, pool="max"), "pool must be"),
+    (dict(dim=64, depth=1, heads=2, impl="cuda"), "impl must be"),
+    (dict(dim=64, depth=0, heads=2), "depth must be a positive int"),
+    (dict(dim=64, depth=1, heads=2, dropout=1.5), "dropout must be"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CRATEConfig(**kwargs)
+
+
+def test_create_model_errors():
+    with pytest.raises(ValueError, match="did you mean|Did you mean"):
+        create_model("crate_tiniy")
+    with pytest.raises(TypeError, match="unknown CRATE option"):
+        create_model("crate_tiny", widht=3)
+
+
+def test_overrides_and_set_impl():
+    m = create_model("crate_tiny", num_classes=7, img_size=32, patch_size=4, depth=2, pool="mean",
+                     impl="reference")
+    assert m.config.depth == 2 and len(m.blocks) == 2 and m.head.out_features == 7
+    keys = list(m.state_dict())
+    m.set_impl("torch")
+    assert m.impl == "torch" and m.config.impl == "torch" and list(m.state_dict()) == keys
+    with pytest.raises(ValueError):
+        m.set_impl("fast")
+
+
+def test_bad_images_give_clear_errors():
+    m = create_model("crate_tiny", num_classes=3, img_size=32, patch_size=4, depth=1)
+    with pytest.raises(ValueError, match="input channels"):
+        m(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        m(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        m(torch.randn(3, 32, 32))
