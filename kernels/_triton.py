@@ -1,0 +1,71 @@
+"""Triton plumbing shared by mssa.py and ista.py: the dot helper, precision, op registration.
+
+Imported only when a Triton path is used, so CPU-only installs never need triton.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, triton_op, wrap_triton
+
+from ._utils import interpreting
+
+INTERPRET = interpreting()
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# Two gaps of the CPU interpreter (Triton 3.6-3.8) with bfloat16, routed around when INTERP_BF16 is
+# set (interpreting bf16 data only; on a GPU both helpers are plain tl.dot / .to):
+#  - tl.dot on bf16 operands multiplies raw bit patterns (triton#11584): feed it fp32 copies;
+#  - fp32 -> bf16 casts truncate instead of rounding to nearest even, doubling the rounding error
+#    and biasing it: round first with integer arithmetic, so the cast itself is exact.
+@triton.jit
+def dot(a, b, acc, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """tl.dot(a, b, acc) with fp32 accumulation."""
+    if INTERP_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does."""
+    if INTERP_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands: IEEE fp32 unless the user allowed TF32 for matmuls (torch's own switch)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET else "ieee"
+
+
+def interp_bf16(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def launch(kernel):
+    """wrap_triton lets torch.compile see the kernel; the interpreter runs it directly."""
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
+def register_op(name: str):
+    """torch.library registration: triton_op on GPUs (torch.compile traces into the kernels), an opaque
+    custom_op under the interpreter (tracing cannot run interpreted kernels on fake tensors)."""
+    if INTERPRET:
+        return custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+def check_tensor(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
+    if not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
+        raise RuntimeError(f"{name}: the Triton kernels need a CUDA tensor, got one on {t.device}")

@@ -1,0 +1,179 @@
+"""Fused ISTA step for CRATE in Triton: GEMMs with the elementwise work in their prologues/epilogues.
+
+Exact 2-matmul form (DESIGN §2), tokens as rows, x: (M, C), dictionary W: (C, C):
+    forward   r = x - x W^T                      GEMM 1, epilogue  x - acc
+              out = relu(x + eta r W - eta lam)   GEMM 2, epilogue  relu(x + eta acc - eta lam)
+    backward  g = dout * (out > 0)                 (prologue of GEMM 3, which also stores g once)
+              s = g W^T                           GEMM 3
+              dx = g + eta (s - s W)              GEMM 4, epilogue  g + eta (s - acc)
+              P = x^T g ; dW = eta (P - W (P + P^T))   cuBLAS/torch: a split-K-shaped GEMM and a C^3 one
+Only x, W and out are saved (out is the next layer's input anyway; its sign is the ReLU mask), so no
+pre-activation is stored. One kernel body serves all four GEMMs through constexpr switches; W^T is
+read through strides, never copied.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import INTERPRET, cast, check_tensor, dot, dot_precision, interp_bf16, launch, register_op
+
+# Epilogues of the fused GEMM: C = f(acc, E1, E2)
+EPI_NONE, EPI_SUB, EPI_ISTA, EPI_DX = 0, 1, 2, 3
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1)]
+else:
+    GEMM_CONFIGS = [_cfg(*c) for c in [
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+# ------------------------------------------------------------------------------------------------
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "EPILOGUE", "MASK_A"])
+@triton.jit
+def _ista_gemm_kernel(
+    A, GATE, G, B, C, E1, E2,        # A, GATE, G: (M, K); B: (K, N) strided; C, E1, E2: (M, N); rows contiguous
+    M, N, K, s_bk, s_bn,
+    eta, eta_lambd,
+    MASK_A: tl.constexpr,            # A <- A * (GATE > 0), stored to G by the pid_n == 0 programs
+    EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row blocks share each B column panel while it is in L2.
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_off = offs_m[:, None] * K + offs_k[None, :]
+        a_mask = mask_m[:, None] & (offs_k[None, :] < K)
+        a = tl.load(A + a_off, mask=a_mask, other=0.0)
+        if MASK_A:
+            gate = tl.load(GATE + a_off, mask=a_mask, other=0.0)
+            a = tl.where(gate > 0, a, 0.0).to(a.dtype)
+            tl.store(G + a_off, a, mask=a_mask & (pid_n == 0))
+        b = tl.load(B + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn,
+                    mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
+        acc = dot(a, b, acc, INTERP_BF16, PRECISION)
+
+    c_off = offs_m[:, None] * N + offs_n[None, :]
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE == 1:    # r = x - x W^T
+        acc = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32) - acc
+    elif EPILOGUE == 2:  # out = relu(x + eta r W - eta lambda)
+        acc = tl.maximum(tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32) + eta * acc - eta_lambd, 0.0)
+    elif EPILOGUE == 3:  # dx = g + eta (s - s W)
+        e1 = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32)
+        e2 = tl.load(E2 + c_off, mask=c_mask, other=0.0).to(tl.float32)
+        acc = e1 + eta * (e2 - acc)
+    tl.store(C + c_off, cast(acc, C.dtype.element_ty, INTERP_BF16), mask=c_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+def _gemm(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, epilogue: int, e1=None, e2=None,
+          gate=None, eta: float = 0.0, eta_lambd: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """C = epilogue(a' @ (W^T if transpose_w else W)), a' = a * (gate > 0) if gate is given.
+
+    Returns C and, with a gate, the gated a' (stored by the kernel as it streams a)."""
+    M, K = a.shape
+    N = w.shape[0]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    g = torch.empty_like(a) if gate is not None else None
+    s_bk, s_bn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    launch(_ista_gemm_kernel)[grid](
+        a, gate if gate is not None else a, g if g is not None else a, w, c,
+        e1 if e1 is not None else c, e2 if e2 is not None else c,
+        M, N, K, s_bk, s_bn, eta, eta_lambd,
+        MASK_A=gate is not None, EPILOGUE=epilogue,
+        INTERP_BF16=interp_bf16(a.dtype), PRECISION=dot_precision(a.dtype))
+    return c, g
+
+
+def _ista_forward(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
+    r, _ = _gemm(x, w, True, EPI_SUB, e1=x)                                      # x - x W^T
+    out, _ = _gemm(r, w, False, EPI_ISTA, e1=x, eta=eta, eta_lambd=eta * lambd)  # relu(x + eta r W - eta lam)
+    return out
+
+
+def _ista_backward(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                   eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s, g = _gemm(dout, w, True, EPI_NONE, gate=out)                              # g = dout*(out>0); s = g W^T
+    dx, _ = _gemm(s, w, False, EPI_DX, e1=g, e2=s, eta=eta)                      # g + eta (s - s W)
+    p = torch.mm(x.t(), g)                                                        # x^T g (cuBLAS split-K)
+    dw = torch.addmm(p, w, p + p.t(), alpha=-1.0).mul_(eta)                       # eta (P - W (P + P^T))
+    return dx, dw
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library ops + autograd
+# ------------------------------------------------------------------------------------------------
+@register_op("crate_fast::ista_fwd")
+def ista_fwd(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
+    return _ista_forward(x, w, eta, lambd)
+
+
+@ista_fwd.register_fake
+def _(x, w, eta, lambd):
+    return torch.empty_like(x)
+
+
+@register_op("crate_fast::ista_bwd")
+def ista_bwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+             eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ista_backward(x, w, out, dout, eta)
+
+
+@ista_bwd.register_fake
+def _(x, w, out, dout, eta):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, eta, _ = inputs
+    ctx.save_for_backward(x, w, output)
+    ctx.eta = eta
+
+
+def _backward(ctx, dout):
+    x, w, out = ctx.saved_tensors
+    dx, dw = ista_bwd(x, w, out, dout.contiguous(), ctx.eta)
+    return dx, dw, None, None
+
+
+ista_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------
+def ista_step_triton(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1,
+                     lambd: float = 0.1) -> torch.Tensor:
+    """x: (..., C), weight: (C, C) -> (..., C) on the fused kernels."""
+    check_tensor(x, "ista_step")
+    check_tensor(weight, "ista_step weight")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    return ista_fwd(x2, weight.contiguous(), float(step_size), float(lambd)).view(shape)

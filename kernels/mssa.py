@@ -1,0 +1,267 @@
+"""Fused tied-QKV attention for CRATE's MSSA in Triton: O = softmax(scale * w w^T) w, per (batch, head).
+
+q = k = v = w, so every tile of w loaded from memory serves as query, key and value at once.
+
+Forward (FlashAttention-style online softmax): one program per (query block, batch*head) streams the
+key/value tiles of the same w, keeps O in registers and stores O plus the row log-sum-exp.
+
+Backward, one kernel and no atomics. With P = softmax rows, delta_i = rowsum(dO_i * O_i):
+    dw_j = sum_i P[i,j]^T dO_i  +  scale * sum_i (dS[i,j]^T + dS[j,i]) w_i
+    dS[i,j] = P[i,j] (dP[i,j] - delta_i),  dP[i,j] = dO_i w_j^T
+Because w w^T is symmetric, one score tile S[j,i] = w_j w_i^T gives both P[j,i] (softmax row j) and
+P[i,j]^T (softmax row i). So the program that owns token block j computes its dK + dV *and* its dQ in a
+single sweep over i: 5 tile GEMMs per (i, j) pair, against 7 in a FlashAttention-2 backward (which
+recomputes S in separate dK/dV and dQ loops), and stores dw_j = dQ_j + dK_j + dV_j once.
+
+Any N (tails masked), head dims up to 128 (48 is padded to 64 inside the kernel by masked loads),
+fp32 / fp16 / bf16 with fp32 accumulation, strided inputs (the model's head split is a view).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import INTERPRET, cast, check_tensor, dot, dot_precision, interp_bf16, launch, register_op
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+
+
+# ------------------------------------------------------------------------------------------------
+# Block-size tables. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
+# (less padding waste at N = 197) are in every table. The interpreter gets one small config.
+# ------------------------------------------------------------------------------------------------
+def _cfg(a: str, b: str, bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({a: bm, b: bn}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    FWD_CONFIGS = [_cfg("BLOCK_M", "BLOCK_N", 32, 16, 4, 1)]
+    BWD_CONFIGS = [_cfg("BLOCK_J", "BLOCK_I", 32, 16, 4, 1)]
+else:
+    FWD_CONFIGS = [_cfg("BLOCK_M", "BLOCK_N", bm, bn, w, s) for bm, bn, w, s in [
+        (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (32, 32, 4, 2), (64, 64, 4, 3)]]
+    BWD_CONFIGS = [_cfg("BLOCK_J", "BLOCK_I", bj, bi, w, s) for bj, bi, w, s in [
+        (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "D"])
+@triton.jit
+def _mssa_fwd_kernel(
+    W, O, LSE,                                   # w, o: (B, H, N, D) strided, last stride 1; lse: (B*H, N)
+    s_wb, s_wh, s_wn, s_ob, s_oh, s_on,
+    H, N, D, qk_scale,                           # qk_scale = scale * log2(e): softmax in base 2
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    W += b.to(tl.int64) * s_wb + h.to(tl.int64) * s_wh
+    O += b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d[None, :] < D                 # head dim 48 -> BLOCK_D 64: zero padding, no copy
+    q = tl.load(W + offs_m[:, None] * s_wn + offs_d[None, :], mask=(offs_m[:, None] < N) & mask_d, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kv = tl.load(W + offs_n[:, None] * s_wn + offs_d[None, :],       # one tile: key AND value
+                     mask=(offs_n[:, None] < N) & mask_d, other=0.0)
+        s = dot(q, tl.trans(kv), None, INTERP_BF16, PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(cast(p, kv.dtype, INTERP_BF16), kv, acc * alpha[:, None], INTERP_BF16, PRECISION)
+        m_i = m_new
+
+    mask_m = offs_m < N
+    tl.store(O + offs_m[:, None] * s_on + offs_d[None, :], cast(acc / l_i[:, None], O.dtype.element_ty, INTERP_BF16),
+             mask=mask_m[:, None] & mask_d)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _mssa_bwd_delta_kernel(
+    O, DO, DELTA,                                # delta_i = rowsum(O_i * dO_i): (B*H, N) fp32
+    s_ob, s_oh, s_on, s_db, s_dh, s_dn,
+    H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_k P[i,k] dP[i,k] = dO_i . O_i, from the stored (bf16) O as FlashAttention does.
+    # Tied attention concentrates each row's mass on the diagonal, where dS_ii = P_ii (dP_ii - delta_i)
+    # cancels, so O's rounding shows in dw: measured 1.1-1.5x plain PyTorch's bf16 error (the 2x rule
+    # allows 2x). Summing P * dP over the row instead measured 0.6-0.95x, but costs 2 more tile GEMMs
+    # (7 instead of 5 per backward); speed wins within the rule.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["N", "D"])
+@triton.jit
+def _mssa_bwd_kernel(
+    W, DO, LSE, DELTA, DW,                       # w, do, dw: (B, H, N, D) strided; lse, delta: (B*H, N)
+    s_wb, s_wh, s_wn, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
+    H, N, D, qk_scale, scale,
+    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    W += b.to(tl.int64) * s_wb + h.to(tl.int64) * s_wh
+    DO += b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d[None, :] < D
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)          # the token block this program owns
+    mask_j = offs_j < N
+    w_j = tl.load(W + offs_j[:, None] * s_wn + offs_d[None, :], mask=mask_j[:, None] & mask_d, other=0.0)
+    do_j = tl.load(DO + offs_j[:, None] * s_dn + offs_d[None, :], mask=mask_j[:, None] & mask_d, other=0.0)
+    lse_j = tl.load(LSE + offs_j, mask=mask_j, other=0.0)
+    delta_j = tl.load(DELTA + offs_j, mask=mask_j, other=0.0)
+
+    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)              # dw_j = dV_j + dK_j + dQ_j
+    for start in range(0, N, BLOCK_I):
+        offs_i = start + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < N
+        w_i = tl.load(W + offs_i[:, None] * s_wn + offs_d[None, :], mask=mask_i[:, None] & mask_d, other=0.0)
+        do_i = tl.load(DO + offs_i[:, None] * s_dn + offs_d[None, :], mask=mask_i[:, None] & mask_d, other=0.0)
+        lse_i = tl.load(LSE + offs_i, mask=mask_i, other=0.0)
+        delta_i = tl.load(DELTA + offs_i, mask=mask_i, other=0.0)
+        valid = mask_j[:, None] & mask_i[None, :]
+
+        st = dot(w_j, tl.trans(w_i), None, INTERP_BF16, PRECISION) * qk_scale       # S[j,i] = S[i,j]^T (BJ, BI)
+        pt_ij = tl.where(valid, tl.exp2(st - lse_i[None, :]), 0.0)              # P[i,j]^T (rows i)
+        p_ji = tl.where(valid, tl.exp2(st - lse_j[:, None]), 0.0)               # P[j,i]   (rows j)
+        dpt_ij = dot(w_j, tl.trans(do_i), None, INTERP_BF16, PRECISION)              # dP[i,j]^T = w_j dO_i^T
+        dp_ji = dot(do_j, tl.trans(w_i), None, INTERP_BF16, PRECISION)               # dP[j,i]  = dO_j w_i^T
+        # dS[i,j]^T + dS[j,i]: the key-side and query-side score gradients of block j, summed.
+        t = pt_ij * (dpt_ij - delta_i[None, :]) + p_ji * (dp_ji - delta_j[:, None])
+
+        acc = dot(cast(pt_ij, w_i.dtype, INTERP_BF16), do_i, acc, INTERP_BF16, PRECISION)            # dV_j
+        acc = dot(cast(t * scale, w_i.dtype, INTERP_BF16), w_i, acc, INTERP_BF16, PRECISION)       # dK_j + dQ_j
+
+    tl.store(DW + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + offs_j[:, None] * s_gn + offs_d[None, :],
+             cast(acc, DW.dtype.element_ty, INTERP_BF16), mask=mask_j[:, None] & mask_d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+def _head_block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _mssa_forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = w.shape
+    o = torch.empty_like(w)            # same strides as w: the model's (B, N, H, D) memory layout
+    lse = torch.empty(B * H, N, device=w.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
+    launch(_mssa_fwd_kernel)[grid](
+        w, o, lse, *w.stride()[:3], *o.stride()[:3], H, N, D, scale * LOG2E,
+        BLOCK_D=_head_block(D), INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
+    return o, lse
+
+
+def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    B, H, N, D = w.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)
+    block_d = _head_block(D)
+    block_m = 16 if INTERPRET else 64
+    launch(_mssa_bwd_delta_kernel)[(triton.cdiv(N, block_m), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N, D, BLOCK_M=block_m, BLOCK_D=block_d)
+    dw = torch.empty_like(w)
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_J"]), B * H)  # noqa: E731
+    launch(_mssa_bwd_kernel)[grid](
+        w, do, lse, delta, dw, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
+        H, N, D, scale * LOG2E, scale,
+        BLOCK_D=block_d, INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
+    return dw
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library ops + autograd (torch.compile keeps them in its graph)
+# ------------------------------------------------------------------------------------------------
+@register_op("crate_fast::mssa_fwd")
+def mssa_fwd(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mssa_forward(w, scale)
+
+
+@mssa_fwd.register_fake
+def _(w, scale):
+    B, H, N, _ = w.shape
+    return torch.empty_like(w), w.new_empty(B * H, N, dtype=torch.float32)
+
+
+@register_op("crate_fast::mssa_bwd")
+def mssa_bwd(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    return _mssa_backward(w, o, lse, do, scale)
+
+
+@mssa_bwd.register_fake
+def _(w, o, lse, do, scale):
+    return torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    w, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(w, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    w, o, lse = ctx.saved_tensors
+    return mssa_bwd(w, o, lse, do, ctx.scale), None
+
+
+mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------
+def mssa_attention_triton(w: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """w: (B, H, N, D) -> (B, H, N, D) on the fused kernels. Attention dropout is not supported."""
+    check_tensor(w, "mssa_attention")
+    if w.dim() != 4:
+        raise ValueError(f"w must be (B, H, N, D), got {tuple(w.shape)}")
+    D = w.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    scale = D ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return mssa_fwd(w, scale)[0]

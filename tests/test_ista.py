@@ -1,0 +1,96 @@
+"""ISTA step against the float64 reference (the official 3-matmul form), for every fast implementation."""
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
+
+from crate_fast.kernels import ista_step, ista_step_ref
+
+# (leading shape, C): odd row counts, C off the block sizes, CRATE widths scaled down for the interpreter.
+SHAPES = [((3, 17), 64), ((65,), 48), ((2, 5, 7), 100), ((1, 1), 32), ((3, 65), 96)]
+IMPLS = ["torch", "triton"]
+
+
+def device_for(impl):
+    return KERNEL_DEVICE if impl == "triton" else "cpu"
+
+
+def make(lead, C, dtype, device, margin=0.25, step_size=0.1, lambd=0.1):
+    """Random W and x whose pre-activations z = x + eta (x W - x W^T W) - eta lambda are random, of
+    both signs, and at least ``margin`` away from zero, so rounding cannot flip a ReLU (whose gradient
+    would jump) and every dtype's gradients are comparable with the float64 truth.
+
+    In row form z = x A - eta lambda with A = I + eta (W - W^T W), so x = (z + eta lambda) A^-1.
+    """
+    W = torch.empty(C, C, dtype=torch.float64).uniform_(-1, 1) * (6 / C) ** 0.5   # official init scale
+    z = torch.randn(*lead, C, dtype=torch.float64)
+    z = torch.sign(z) * (margin + z.abs())
+    A = torch.eye(C, dtype=torch.float64) + step_size * (W - W.t() @ W)
+    x = torch.linalg.solve(A, (z + step_size * lambd).reshape(-1, C), left=False).reshape(z.shape)
+    return x.to(device, dtype), W.to(device, dtype)
+
+
+def run(fn, x, W, dout):
+    x = x.detach().clone().requires_grad_()
+    W = W.detach().clone().requires_grad_()
+    out = fn(x, W)
+    out.backward(dout)
+    return out.detach(), x.grad, W.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lead,C", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ista_matches_reference(impl, lead, C, dtype):
+    dev = device_for(impl)
+    x, W = make(lead, C, dtype, dev)
+    dout = torch.randn(x.shape, dtype=dtype, device=dev)
+    got = run(lambda a, b: ista_step(a, b, impl=impl), x, W, dout)
+    truth = run(ista_step_ref, x.double().cpu(), W.double().cpu(), dout.double().cpu())
+    plain = run(ista_step_ref, x.cpu(), W.cpu(), dout.cpu())          # plain PyTorch, same dtype
+    assert 0.3 < (truth[0] > 0).double().mean() < 0.7, "test input should exercise both ReLU branches"
+    for name, g, p, t in zip(("out", "dx", "dW"), got, plain, truth):
+        assert g.dtype == dtype
+        if dtype == torch.float32:
+            assert_rel(g.cpu(), t, what=name)
+        else:
+            assert_2x_rule(g.cpu(), p, t, what=name)
+
+
+@pytest.mark.parametrize("lead,C", [((3, 17), 64), ((65,), 48)])
+def test_ista_torch_float64_is_exact(lead, C):
+    x, W = make(lead, C, torch.float64, "cpu")
+    dout = torch.randn(x.shape, dtype=torch.float64)
+    got = run(lambda a, b: ista_step(a, b, impl="torch"), x, W, dout)
+    ref = run(ista_step_ref, x, W, dout)
+    for name, g, r in zip(("out", "dx", "dW"), got, ref):
+        assert_rel(g, r, FP64_RTOL, name)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_ista_zero_preactivation_and_lambda(impl):
+    """Exactly-zero pre-activations give zero output and zero gradient (ReLU'(0) = 0, as autograd)."""
+    C = 16
+    W = torch.zeros(C, C, dtype=torch.float64, requires_grad=True)
+    x = torch.full((4, C), 0.05, dtype=torch.float64, requires_grad=True)
+    out = ista_step(x, W, step_size=0.5, lambd=0.1, impl=impl)   # 0.05 + 0 - 0.5 * 0.1 == 0 exactly
+    assert (out == 0).all()
+    out.sum().backward()
+    assert (x.grad == 0).all() and (W.grad == 0).all()
+    assert_rel(ista_step(x, W, 0.1, 0.5, impl=impl), ista_step_ref(x, W, 0.1, 0.5))   # CRATE-MAE lambda
+
+
+def test_ista_input_errors():
+    with pytest.raises(ValueError, match="weight must be"):
+        ista_step(torch.randn(4, 8), torch.randn(8, 9))
+    with pytest.raises(TypeError, match="share one dtype"):
+        ista_step(torch.randn(4, 8), torch.randn(8, 8, dtype=torch.float64), impl="torch")
+
+
+def test_ista_autocast():
+    x, W = torch.randn(5, 32), torch.randn(32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ista_step(x, W, impl="torch")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert W.grad.dtype == torch.float32
