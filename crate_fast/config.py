@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Tuple, Union
+from typing import Any, Union
 
 IMPLS = ("auto", "reference", "torch", "triton")
 POOLS = ("cls", "mean")
 
-Size = Union[int, Tuple[int, int]]
+Size = Union[int, tuple[int, int]]
 
 
 def to_2tuple(v: Size, name: str) -> tuple[int, int]:

@@ -29,6 +29,10 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
     if impl == "reference":
         return mssa_attention_ref(w, scale)
     (w,) = autocast_cast(w)
+    if impl == "auto":
+        from . import mssa
+
+        impl = "torch" if mssa.unsupported(w) else "triton"
     if impl == "torch":
         return mssa_attention_torch(w, scale)
     from .mssa import mssa_attention_triton
@@ -47,6 +51,9 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
         return ista_step_ref(x, weight, step_size, lambd)
     x, weight = autocast_cast(x, weight)
     check_same_dtype(x=x, weight=weight)
+    if impl == "auto":
+        supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.numel() > 0
+        impl = "triton" if supported else "torch"
     if impl == "torch":
         return ista_step_torch(x, weight, float(step_size), float(lambd))
     from .ista import ista_step_triton

@@ -47,6 +47,17 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET else "ieee"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def arch_of(t: torch.Tensor) -> int:
+    """Which resource table applies: 90 for Hopper and newer, 80 for everything older."""
+    if not t.is_cuda:
+        return 90
+    return 90 if torch.cuda.get_device_capability(t.device)[0] >= 9 else 80
+
+
 def interp_bf16(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 

@@ -1,7 +1,7 @@
 """Small shared helpers for the kernel paths: dispatch checks, autocast, Triton availability."""
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -14,13 +14,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def triton_supports(t: torch.Tensor) -> bool:
@@ -31,11 +29,13 @@ def triton_supports(t: torch.Tensor) -> bool:
 
 
 def resolve_impl(impl: str, t: torch.Tensor) -> str:
-    """Map "auto" to a concrete path for this tensor; reject names and devices that cannot work."""
+    """Map "auto" to "torch" where Triton cannot run; reject names and devices that cannot work.
+
+    "auto" stays "auto" for CUDA tensors: the operator then checks its own input limits."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if t.is_cuda and triton_importable() else "torch"
+        return "auto" if t.is_cuda and triton_importable() else "torch"
     if impl == "triton" and not triton_supports(t):
         why = "triton is not installed" if not triton_importable() else f"the tensor is on {t.device}"
         raise RuntimeError(f"impl='triton' needs a CUDA tensor and triton ({why}); use impl='torch' or "

@@ -17,29 +17,71 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, cast, check_tensor, dot, dot_precision, interp_bf16, launch, register_op
+from ._triton import (
+    INTERPRET,
+    arch_of,
+    cast,
+    check_tensor,
+    dot,
+    dot_precision,
+    dtype_name,
+    interp_bf16,
+    launch,
+    register_op,
+)
 
 # Epilogues of the fused GEMM: C = f(acc, E1, E2)
 EPI_NONE, EPI_SUB, EPI_ISTA, EPI_DX = 0, 1, 2, 3
+# The four GEMMs of a forward + backward, as (MASK_A, EPILOGUE).
+VARIANTS = [(False, EPI_SUB), (False, EPI_ISTA), (True, EPI_NONE), (False, EPI_DX)]
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
+# Autotune candidates: dtype class, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, and which GEMM variants
+# compile without register spills on sm_80 and on sm_90a, as a level: 0 none, 1 the forward epilogues,
+# 2 also the backward dx epilogue (two epilogue loads), 3 also the gated prologue (A through registers).
+# ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
+_ROWS = [
+    ("16bit", 128, 128, 64, 8, 3, 2, 3), ("16bit", 128, 128, 64, 8, 4, 2, 3), ("16bit", 128, 256, 64, 8, 3, 0, 1),
+    ("16bit", 128, 64, 64, 4, 4, 2, 2), ("16bit", 64, 128, 64, 4, 4, 2, 3), ("16bit", 64, 64, 64, 4, 4, 3, 3),
+    ("fp32", 64, 64, 64, 4, 4, 0, 3), ("fp32", 64, 64, 32, 4, 2, 3, 3), ("fp32", 32, 64, 32, 4, 2, 3, 3),
+]
+_INTERPRETER_ROW = ("any", 32, 32, 32, 4, 1, 3, 3)
 
 
-if INTERPRET:
-    GEMM_CONFIGS = [_cfg(32, 32, 32, 4, 1)]
-else:
-    GEMM_CONFIGS = [_cfg(*c) for c in [
-        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]]
+def variant_level(mask_a: bool, epilogue: int) -> int:
+    return 3 if mask_a else (2 if epilogue == EPI_DX else 1)
+
+
+def _configs(rows: list) -> list:
+    out = []
+    for row in ([_INTERPRETER_ROW] if INTERPRET else rows):
+        cfg = triton.Config({"BLOCK_M": row[1], "BLOCK_N": row[2], "BLOCK_K": row[3], "GROUP_M": 8},
+                            num_warps=row[4], num_stages=row[5])
+        cfg.fits = row     # read by admitted()
+        out.append(cfg)
+    return out
+
+
+GEMM_CONFIGS = _configs(_ROWS)
+
+
+def admitted(configs: list, dtype: str, mask_a: bool, epilogue: int, arch: int) -> list:
+    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), GEMM variant and arch (80, 90)."""
+    cls = "fp32" if dtype == "fp32" else "16bit"
+    level = variant_level(mask_a, epilogue)
+    return [c for c in configs if c.fits[0] in (cls, "any") and level <= c.fits[6 if arch < 90 else 7]]
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named_args["A"]
+    return admitted(configs, dtype_name(a.dtype), kwargs["MASK_A"], kwargs["EPILOGUE"], arch_of(a))
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernel
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "EPILOGUE", "MASK_A"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "EPILOGUE", "MASK_A"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _ista_gemm_kernel(
     A, GATE, G, B, C, E1, E2,        # A, GATE, G: (M, K); B: (K, N) strided; C, E1, E2: (M, N); rows contiguous

@@ -24,34 +24,75 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, cast, check_tensor, dot, dot_precision, interp_bf16, launch, register_op
+from ._triton import (
+    INTERPRET,
+    arch_of,
+    cast,
+    check_tensor,
+    dot,
+    dot_precision,
+    dtype_name,
+    interp_bf16,
+    launch,
+    register_op,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
 
 # ------------------------------------------------------------------------------------------------
-# Block-size tables. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
-# (less padding waste at N = 197) are in every table. The interpreter gets one small config.
+# Autotune candidates. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
+# (less padding waste at N = 197) are in every table. Each row: dtype class, the two block sizes,
+# warps, stages, and the largest head block that compiles without register spills on sm_80 and on
+# sm_90a (0: never). ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
+# fp32 runs IEEE fp32 dots (FMA, no tensor cores) whose operands take far more registers: small tiles.
 # ------------------------------------------------------------------------------------------------
-def _cfg(a: str, b: str, bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({a: bm, b: bn}, num_warps=warps, num_stages=stages)
+HEAD_BLOCKS = (16, 32, 64, 128)     # head dims are padded up to one of these inside the kernels
+DELTA_BLOCK_M = 16 if INTERPRET else 64
+FP32_MAX_HEAD_DIM = 64              # fp32 backward spills at head block 128 with every tile shape
+
+_FWD_ROWS = [
+    ("16bit", 64, 64, 4, 2, 128, 128), ("16bit", 64, 64, 4, 3, 128, 128), ("16bit", 128, 64, 8, 2, 128, 128),
+    ("16bit", 128, 32, 8, 3, 128, 128), ("16bit", 64, 32, 4, 3, 64, 128), ("16bit", 32, 32, 4, 2, 128, 128),
+    ("fp32", 32, 32, 4, 2, 64, 64), ("fp32", 16, 16, 4, 1, 128, 128),
+]
+_BWD_ROWS = [
+    ("16bit", 64, 16, 4, 2, 128, 128), ("16bit", 128, 32, 8, 2, 128, 128), ("16bit", 32, 64, 4, 2, 128, 128),
+    ("16bit", 64, 32, 4, 2, 32, 128), ("16bit", 64, 64, 8, 2, 32, 32), ("16bit", 32, 32, 4, 2, 64, 64),
+    ("fp32", 32, 32, 4, 2, 32, 32), ("fp32", 16, 16, 4, 1, 64, 64),
+]
+_INTERPRETER_ROW = ("any", 32, 16, 4, 1, 128, 128)
 
 
-if INTERPRET:
-    FWD_CONFIGS = [_cfg("BLOCK_M", "BLOCK_N", 32, 16, 4, 1)]
-    BWD_CONFIGS = [_cfg("BLOCK_J", "BLOCK_I", 32, 16, 4, 1)]
-else:
-    FWD_CONFIGS = [_cfg("BLOCK_M", "BLOCK_N", bm, bn, w, s) for bm, bn, w, s in [
-        (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (32, 32, 4, 2), (64, 64, 4, 3)]]
-    BWD_CONFIGS = [_cfg("BLOCK_J", "BLOCK_I", bj, bi, w, s) for bj, bi, w, s in [
-        (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)]]
+def _configs(rows: list, a: str, b: str) -> list:
+    out = []
+    for row in ([_INTERPRETER_ROW] if INTERPRET else rows):
+        cfg = triton.Config({a: row[1], b: row[2]}, num_warps=row[3], num_stages=row[4])
+        cfg.fits = row     # read by admitted()
+        out.append(cfg)
+    return out
+
+
+FWD_CONFIGS = _configs(_FWD_ROWS, "BLOCK_M", "BLOCK_N")
+BWD_CONFIGS = _configs(_BWD_ROWS, "BLOCK_J", "BLOCK_I")
+
+
+def admitted(configs: list, dtype: str, block_d: int, arch: int) -> list:
+    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), head block and arch (80, 90)."""
+    cls = "fp32" if dtype == "fp32" else "16bit"
+    return [c for c in configs if c.fits[0] in (cls, "any") and block_d <= c.fits[5 if arch < 90 else 6]]
+
+
+def _prune(configs, named_args, **kwargs):
+    w = named_args["W"]
+    return admitted(configs, dtype_name(w.dtype), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), arch_of(w))
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "D"])
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mssa_fwd_kernel(
     W, O, LSE,                                   # w, o: (B, H, N, D) strided, last stride 1; lse: (B*H, N)
@@ -119,7 +160,7 @@ def _mssa_bwd_delta_kernel(
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["N", "D"])
+@triton.autotune(configs=BWD_CONFIGS, key=["N", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mssa_bwd_kernel(
     W, DO, LSE, DELTA, DW,                       # w, do, dw: (B, H, N, D) strided; lse, delta: (B*H, N)
@@ -174,7 +215,7 @@ def _mssa_bwd_kernel(
 # Launchers
 # ------------------------------------------------------------------------------------------------
 def _head_block(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return next(b for b in HEAD_BLOCKS if b >= D)
 
 
 def _mssa_forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +236,8 @@ def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torc
         do = do.contiguous()
     delta = torch.empty_like(lse)
     block_d = _head_block(D)
-    block_m = 16 if INTERPRET else 64
-    launch(_mssa_bwd_delta_kernel)[(triton.cdiv(N, block_m), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N, D, BLOCK_M=block_m, BLOCK_D=block_d)
+    launch(_mssa_bwd_delta_kernel)[(triton.cdiv(N, DELTA_BLOCK_M), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N, D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dw = torch.empty_like(w)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_J"]), B * H)  # noqa: E731
     launch(_mssa_bwd_kernel)[grid](
@@ -251,17 +291,30 @@ mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
+def unsupported(w: torch.Tensor) -> str | None:
+    """Why the fused kernel cannot take this input (None if it can)."""
+    if w.dim() != 4:
+        return f"w must be (B, H, N, D), got {tuple(w.shape)}"
+    if w.numel() == 0:
+        return "w is empty"
+    D = w.shape[-1]
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if w.dtype == torch.float32 and D > FP32_MAX_HEAD_DIM:
+        return (f"fp32 with head dim {D} > {FP32_MAX_HEAD_DIM} (the fused backward would spill registers; "
+                "run under bf16/fp16 autocast)")
+    return None
+
+
 def mssa_attention_triton(w: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """w: (B, H, N, D) -> (B, H, N, D) on the fused kernels. Attention dropout is not supported."""
     check_tensor(w, "mssa_attention")
-    if w.dim() != 4:
-        raise ValueError(f"w must be (B, H, N, D), got {tuple(w.shape)}")
-    D = w.shape[-1]
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {D} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    why = unsupported(w)
+    if why:
+        raise NotImplementedError(f"mssa_attention(impl='triton'): {why}; use impl='torch' for this input")
     if w.stride(-1) != 1:
         w = w.contiguous()
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return mssa_fwd(w, scale)[0]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_preset_dims():
 def test_config_is_frozen_and_normalized():
     cfg = CRATEConfig(dim=64, depth=1, heads=2, img_size=(32, 48), patch_size=8)
     assert cfg.patch_size == (8, 8) and cfg.grid_size == (4, 6)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 3
     assert cfg.replace(impl="torch").impl == "torch"
 

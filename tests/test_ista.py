@@ -2,9 +2,8 @@
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
-
 from crate_fast.kernels import ista_step, ista_step_ref
+from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
 
 # (leading shape, C): odd row counts, C off the block sizes, CRATE widths scaled down for the interpreter.
 SHAPES = [((3, 17), 64), ((65,), 48), ((2, 5, 7), 100), ((1, 1), 32), ((3, 65), 96)]

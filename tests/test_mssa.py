@@ -2,9 +2,8 @@
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
-
 from crate_fast.kernels import mssa_attention, mssa_attention_ref
+from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
 
 # (B, H, N, D): odd B*H, N off every block size, head dims 48 (CRATE-S, padded in-kernel) and 64.
 SHAPES = [(1, 3, 17, 48), (3, 1, 65, 64), (1, 1, 1, 64), (1, 3, 80, 48), (1, 1, 197, 64), (3, 1, 65, 48)]

@@ -1,0 +1,215 @@
+"""Ahead-of-time resource check of every Triton kernel configuration, no GPU needed.
+
+    python -m crate_fast.kernels.aot_check [--arch 80 90] [--jobs N] [--json OUT.json]
+
+Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (ISTA) for sm_80 and
+sm_90a with ``triton.compile``, runs Triton's bundled ``ptxas -v`` on the PTX, and prints registers,
+spill bytes, shared memory and (sm_90a) whether the matrix work uses wgmma and whether ptxas had to
+serialize it (warning C7511). Exits non-zero on a compile error, a register spill, or shared memory
+over the architecture's per-block limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+SMEM_LIMIT = {80: 166912, 90: 232448}          # max dynamic shared memory per block (A100, H100)
+DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+@dataclass
+class Job:
+    kernel: str            # "module.function"
+    arch: int
+    dtype: str
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    label: str
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool = False
+    registers: int = -1
+    spill_bytes: int = -1
+    shared: int = -1
+    mma: str = "-"                     # matrix instruction: "wgmma", "mma.sync" or "-" (none)
+    wgmma_serialized: bool = False
+    error: str = ""
+    problems: list = field(default_factory=list)
+
+
+# Kernel argument types. Pointers named here get the data dtype unless listed as fp32; every other
+# non-constexpr argument is an i32 unless it is a float scalar. Ints in DIV16 are multiples of 16 at
+# CRATE's shapes (strides of H*D-wide rows, widths C), so they get the divisibility hint the runtime
+# would also give; token counts such as N = 197 do not.
+SPECS = {
+    "mssa._mssa_fwd_kernel": dict(ptr=["W", "O", "LSE"], fp32_ptr=["LSE"], floats=["qk_scale"],
+                                  div16=["s_wb", "s_wh", "s_wn", "s_ob", "s_oh", "s_on"]),
+    "mssa._mssa_bwd_delta_kernel": dict(ptr=["O", "DO", "DELTA"], fp32_ptr=["DELTA"], floats=[],
+                                        div16=["s_ob", "s_oh", "s_on", "s_db", "s_dh", "s_dn"]),
+    "mssa._mssa_bwd_kernel": dict(ptr=["W", "DO", "LSE", "DELTA", "DW"], fp32_ptr=["LSE", "DELTA"],
+                                  floats=["qk_scale", "scale"],
+                                  div16=["s_wb", "s_wh", "s_wn", "s_db", "s_dh", "s_dn", "s_gb", "s_gh", "s_gn"]),
+    "ista._ista_gemm_kernel": dict(ptr=["A", "GATE", "G", "B", "C", "E1", "E2"], fp32_ptr=[],
+                                   floats=["eta", "eta_lambd"], div16=["N", "K", "s_bk"]),
+}
+
+
+def _precision(dtype: str):
+    return "ieee" if dtype == "fp32" else None
+
+
+def jobs(archs=(80, 90)) -> list[Job]:
+    """Every configuration the dispatchers can launch."""
+    from crate_fast.kernels import ista, mssa
+
+    out = []
+    for arch in archs:
+        for dtype in DTYPES:
+            for block_d in mssa.HEAD_BLOCKS:
+                if dtype == "fp32" and block_d > mssa.FP32_MAX_HEAD_DIM:
+                    continue                                    # refused by the dispatcher
+                base = dict(BLOCK_D=block_d, INTERP_BF16=False)
+                for name, configs in (("_mssa_fwd_kernel", mssa.FWD_CONFIGS), ("_mssa_bwd_kernel", mssa.BWD_CONFIGS)):
+                    admitted = mssa.admitted(configs, dtype, block_d, arch)
+                    if not admitted:
+                        out.append(Job(f"mssa.{name}", arch, dtype, {}, 0, 0, f"D<={block_d}: no config fits"))
+                    for cfg in admitted:
+                        out.append(Job(f"mssa.{name}", arch, dtype,
+                                       {**base, **cfg.kwargs, "PRECISION": _precision(dtype)},
+                                       cfg.num_warps, cfg.num_stages, f"D<={block_d} {_fmt(cfg.kwargs)}"))
+                out.append(Job("mssa._mssa_bwd_delta_kernel", arch, dtype,
+                               dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
+            for mask_a, epi in ista.VARIANTS:
+                admitted = ista.admitted(ista.GEMM_CONFIGS, dtype, mask_a, epi, arch)
+                if not admitted:
+                    out.append(Job("ista._ista_gemm_kernel", arch, dtype, {}, 0, 0, f"epi={epi}: no config fits"))
+                for cfg in admitted:
+                    out.append(Job("ista._ista_gemm_kernel", arch, dtype,
+                                   {**cfg.kwargs, "MASK_A": mask_a, "EPILOGUE": epi, "INTERP_BF16": False,
+                                    "PRECISION": _precision(dtype)},
+                                   cfg.num_warps, cfg.num_stages, f"epi={epi} mask={int(mask_a)} {_fmt(cfg.kwargs)}"))
+    return out
+
+
+def _fmt(kwargs: dict) -> str:
+    return " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in kwargs.items() if k != "GROUP_M")
+
+
+def _ptxas() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def run_job(job: Job) -> Result:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    res = Result(job)
+    if not job.constexprs:
+        res.problems.append("no admitted config")
+        return res
+    try:
+        mod_name, fn_name = job.kernel.split(".")
+        kernel = getattr(importlib.import_module(f"crate_fast.kernels.{mod_name}"), fn_name)
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel   # unwrap autotune
+        spec = SPECS[job.kernel]
+        sig, attrs = {}, {}
+        for i, p in enumerate(fn.params):
+            n = p.name
+            if p.is_constexpr:
+                sig[n] = "constexpr"
+            elif n in spec["ptr"]:
+                sig[n] = "*fp32" if n in spec["fp32_ptr"] else f"*{job.dtype}"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif n in spec["floats"]:
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+                if n in spec["div16"]:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn, sig, job.constexprs, attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                  options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+        ptx = compiled.asm["ptx"]
+        res.shared = compiled.metadata.shared
+        res.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "-")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            arch = "sm_90a" if job.arch == 90 else f"sm_{job.arch}"
+            p = subprocess.run([_ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+        log = p.stdout + p.stderr
+        if p.returncode:
+            raise RuntimeError(f"ptxas failed: {log.strip()[-400:]}")
+        m = re.search(r"Used (\d+) registers", log)
+        res.registers = int(m.group(1)) if m else -1
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        res.spill_bytes = sum(int(a) + int(b) for a, b in spills)
+        res.wgmma_serialized = "C7511" in log or "C7515" in log
+        if res.spill_bytes:
+            res.problems.append(f"{res.spill_bytes} spill bytes")
+        if res.shared > SMEM_LIMIT[job.arch]:
+            res.problems.append(f"shared memory {res.shared} > {SMEM_LIMIT[job.arch]}")
+        res.ok = not res.problems
+    except Exception as e:  # report every failing config, not only the first
+        res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        res.problems.append("compile error")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="write every result to this JSON file")
+    ap.add_argument("--quiet", action="store_true", help="print only problems and the summary")
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)   # compile real kernels, never interpreted stand-ins
+
+    todo = jobs(tuple(args.arch))
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(run_job, todo, chunksize=4))
+    bad = [r for r in results if not r.ok]
+    head = f"{'kernel':<28}{'arch':<8}{'dtype':<6}{'config':<34}{'regs':>5}{'spill':>6}{'smem':>8}  mma"
+    print(head)
+    for r in results:
+        if args.quiet and r.ok:
+            continue
+        j = r.job
+        mma = r.mma + (" (serialized!)" if r.wgmma_serialized else "")
+        config = f"{j.label} w{j.num_warps}s{j.num_stages}"
+        line = (f"{j.kernel.split('.')[1]:<28}{'sm_90a' if j.arch == 90 else 'sm_80':<8}{j.dtype:<6}"
+                f"{config:<34}{r.registers:>5}{r.spill_bytes:>6}{r.shared:>8}  {mma}")
+        print(line + (f"   <-- {', '.join(r.problems)} {r.error}" if r.problems else ""))
+    # Triton issues wgmma for 16-bit dots whose tile has >= 64 rows per warpgroup; 32-row tiles (kept
+    # for the short-sequence tail) and fp32 IEEE dots use mma.sync / FMA.
+    n90 = [r for r in results if r.job.arch == 90 and r.job.dtype != "fp32" and r.mma != "-"]
+    print(f"\n{len(results)} configurations compiled in {time.time() - t0:.0f}s; {len(bad)} with problems; "
+          f"sm_90a 16-bit configs with matrix work: {sum(r.mma == 'wgmma' for r in n90)}/{len(n90)} on wgmma "
+          f"(the rest have 32-row tiles), {sum(r.wgmma_serialized for r in n90)} serialized by ptxas")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r), "job": asdict(r.job)} for r in results], f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
