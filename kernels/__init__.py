@@ -5,13 +5,14 @@
 
 impl: "reference" (literal official math, autograd), "torch" (fast PyTorch with hand-written
 backward, any device), "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "auto"
-(triton for CUDA tensors, torch otherwise). Under torch.autocast the inputs are cast like F.linear's.
+(triton for CUDA inputs the kernels take, torch otherwise). Under torch.autocast the activations are
+cast like F.linear's; ISTA keeps its dictionary in its own dtype to form the C x C operator.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import autocast_cast, check_same_dtype, resolve_impl
+from ._utils import autocast_cast, resolve_impl
 from .reference import ista_step_ref, mssa_attention_ref
 from .torch_ops import ista_step_torch, mssa_attention_torch
 
@@ -49,8 +50,9 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
     impl = resolve_impl(impl, x)
     if impl == "reference":
         return ista_step_ref(x, weight, step_size, lambd)
-    x, weight = autocast_cast(x, weight)
-    check_same_dtype(x=x, weight=weight)
+    (x,) = autocast_cast(x)      # the weight keeps its dtype: the C x C operator is formed in it
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"x and weight must be floating point, got {x.dtype} and {weight.dtype}")
     if impl == "auto":
         supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.numel() > 0
         impl = "triton" if supported else "torch"

@@ -4,6 +4,9 @@ Imported only when a Triton path is used, so CPU-only installs never need triton
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +16,31 @@ from ._utils import interpreting
 
 INTERPRET = interpreting()
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# CRATE_FAST_AUTOTUNE=0 skips autotuning and takes the first admitted config (fast test runs).
+AUTOTUNE = os.environ.get("CRATE_FAST_AUTOTUNE", "1") != "0"
+_forced_config: int | None = None
+
+
+def select_configs(admitted: list) -> list:
+    """What the autotuner may try: every admitted config, the first only, or one forced by tests."""
+    if _forced_config is not None:
+        return [admitted[_forced_config % len(admitted)]]
+    return admitted if AUTOTUNE else admitted[:1]
+
+
+@contextlib.contextmanager
+def force_config(index: int, *kernels):
+    """Run the given autotuned kernels with their index-th admitted config (tests of every config)."""
+    global _forced_config
+    _forced_config = index
+    for k in kernels:
+        k.cache.clear()
+    try:
+        yield
+    finally:
+        _forced_config = None
+        for k in kernels:
+            k.cache.clear()
 
 
 # Two gaps of the CPU interpreter (Triton 3.6-3.8) with bfloat16, routed around when INTERP_BF16 is

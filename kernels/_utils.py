@@ -54,9 +54,3 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = torch.get_autocast_dtype(dev)
         return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
     return tensors
-
-
-def check_same_dtype(**tensors: torch.Tensor) -> None:
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        raise TypeError(f"inputs must share one dtype (or run under torch.autocast), got {dtypes}")

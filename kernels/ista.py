@@ -1,15 +1,14 @@
-"""Fused ISTA step for CRATE in Triton: GEMMs with the elementwise work in their prologues/epilogues.
+"""Fused ISTA step for CRATE in Triton: one GEMM each way, the elementwise work in prologue/epilogue.
 
-Exact 2-matmul form (DESIGN §2), tokens as rows, x: (M, C), dictionary W: (C, C):
-    forward   r = x - x W^T                      GEMM 1, epilogue  x - acc
-              out = relu(x + eta r W - eta lam)   GEMM 2, epilogue  relu(x + eta acc - eta lam)
-    backward  g = dout * (out > 0)                 (prologue of GEMM 3, which also stores g once)
-              s = g W^T                           GEMM 3
-              dx = g + eta (s - s W)              GEMM 4, epilogue  g + eta (s - acc)
-              P = x^T g ; dW = eta (P - W (P + P^T))   cuBLAS/torch: a split-K-shaped GEMM and a C^3 one
-Only x, W and out are saved (out is the next layer's input anyway; its sign is the ReLU mask), so no
-pre-activation is stored. One kernel body serves all four GEMMs through constexpr switches; W^T is
-read through strides, never copied.
+Operator form (see torch_ops.py): x W - x W^T W = x A with A = W - W^T W (C x C, formed once per step
+by cuBLAS in the weight's dtype), so with tokens as rows, x: (M, C):
+    forward   out = relu(x + eta x A - eta lambda)       GEMM, epilogue  relu(x + eta acc - eta lambda)
+    backward  g = dout * (out > 0)                        prologue of the GEMM, which also stores g once
+              dx = g + eta g A^T                          same GEMM, epilogue  g + eta acc
+              P = x^T g ; dW = eta (P - W (P + P^T))      cuBLAS (its split-K suits the C x C output)
+Only x, A and out are saved (out is the next layer's input anyway; its sign is the ReLU mask), so no
+pre-activation is stored. One kernel body serves both GEMMs through constexpr switches; A^T is read
+through strides, never copied.
 """
 from __future__ import annotations
 
@@ -28,28 +27,31 @@ from ._triton import (
     interp_bf16,
     launch,
     register_op,
+    select_configs,
 )
+from .torch_ops import ista_operator
 
 # Epilogues of the fused GEMM: C = f(acc, E1, E2)
-EPI_NONE, EPI_SUB, EPI_ISTA, EPI_DX = 0, 1, 2, 3
-# The four GEMMs of a forward + backward, as (MASK_A, EPILOGUE).
-VARIANTS = [(False, EPI_SUB), (False, EPI_ISTA), (True, EPI_NONE), (False, EPI_DX)]
+EPI_ISTA, EPI_DX = 1, 2
+# The two GEMMs of a forward + backward, as (MASK_A, EPILOGUE).
+VARIANTS = [(False, EPI_ISTA), (True, EPI_DX)]
 
 
 # Autotune candidates: dtype class, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, and which GEMM variants
-# compile without register spills on sm_80 and on sm_90a, as a level: 0 none, 1 the forward epilogues,
-# 2 also the backward dx epilogue (two epilogue loads), 3 also the gated prologue (A through registers).
+# compile without register spills on sm_80 and on sm_90a, as a level: 0 none, 1 the forward GEMM,
+# 2 also the backward GEMM (gated prologue: A through registers; two epilogue loads).
 # ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
 _ROWS = [
-    ("16bit", 128, 128, 64, 8, 3, 2, 3), ("16bit", 128, 128, 64, 8, 4, 2, 3), ("16bit", 128, 256, 64, 8, 3, 0, 1),
-    ("16bit", 128, 64, 64, 4, 4, 2, 2), ("16bit", 64, 128, 64, 4, 4, 2, 3), ("16bit", 64, 64, 64, 4, 4, 3, 3),
-    ("fp32", 64, 64, 64, 4, 4, 0, 3), ("fp32", 64, 64, 32, 4, 2, 3, 3), ("fp32", 32, 64, 32, 4, 2, 3, 3),
+    ("16bit", 128, 128, 64, 8, 3, 1, 2), ("16bit", 128, 128, 64, 8, 4, 1, 2), ("16bit", 128, 256, 64, 8, 3, 0, 1),
+    ("16bit", 256, 128, 64, 8, 3, 0, 1), ("16bit", 128, 64, 64, 4, 4, 1, 1), ("16bit", 64, 128, 64, 4, 4, 1, 2),
+    ("16bit", 64, 64, 64, 4, 4, 2, 2), ("16bit", 128, 128, 32, 4, 4, 1, 1),
+    ("fp32", 64, 64, 64, 4, 4, 0, 2), ("fp32", 64, 64, 32, 4, 2, 2, 2), ("fp32", 32, 64, 32, 4, 2, 2, 2),
 ]
-_INTERPRETER_ROW = ("any", 32, 32, 32, 4, 1, 3, 3)
+_INTERPRETER_ROW = ("any", 32, 32, 32, 4, 1, 2, 2)
 
 
 def variant_level(mask_a: bool, epilogue: int) -> int:
-    return 3 if mask_a else (2 if epilogue == EPI_DX else 1)
+    return 2 if mask_a or epilogue == EPI_DX else 1
 
 
 def _configs(rows: list) -> list:
@@ -74,7 +76,7 @@ def admitted(configs: list, dtype: str, mask_a: bool, epilogue: int, arch: int) 
 
 def _prune(configs, named_args, **kwargs):
     a = named_args["A"]
-    return admitted(configs, dtype_name(a.dtype), kwargs["MASK_A"], kwargs["EPILOGUE"], arch_of(a))
+    return select_configs(admitted(configs, dtype_name(a.dtype), kwargs["MASK_A"], kwargs["EPILOGUE"], arch_of(a)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,14 +122,12 @@ def _ista_gemm_kernel(
 
     c_off = offs_m[:, None] * N + offs_n[None, :]
     c_mask = mask_m[:, None] & mask_n[None, :]
-    if EPILOGUE == 1:    # r = x - x W^T
-        acc = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32) - acc
-    elif EPILOGUE == 2:  # out = relu(x + eta r W - eta lambda)
-        acc = tl.maximum(tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32) + eta * acc - eta_lambd, 0.0)
-    elif EPILOGUE == 3:  # dx = g + eta (s - s W)
-        e1 = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32)
-        e2 = tl.load(E2 + c_off, mask=c_mask, other=0.0).to(tl.float32)
-        acc = e1 + eta * (e2 - acc)
+    e1 = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32)
+    if EPILOGUE == 1:    # out = relu(x + eta x A - eta lambda);  E1 = x
+        acc = tl.maximum(e1 + eta * acc - eta_lambd, 0.0)
+    else:                # dx = g + eta g A^T;  g = dout * (out > 0), E1 = dout, E2 = out
+        e2 = tl.load(E2 + c_off, mask=c_mask, other=0.0)
+        acc = tl.where(e2 > 0, e1, 0.0) + eta * acc
     tl.store(C + c_off, cast(acc, C.dtype.element_ty, INTERP_BF16), mask=c_mask)
 
 
@@ -154,18 +154,17 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, epilogue: int, e1
     return c, g
 
 
-def _ista_forward(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
-    r, _ = _gemm(x, w, True, EPI_SUB, e1=x)                                      # x - x W^T
-    out, _ = _gemm(r, w, False, EPI_ISTA, e1=x, eta=eta, eta_lambd=eta * lambd)  # relu(x + eta r W - eta lam)
-    return out
+def _ista_forward(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a = ista_operator(w).to(x.dtype)                                             # A = W - W^T W
+    out, _ = _gemm(x, a, False, EPI_ISTA, e1=x, eta=eta, eta_lambd=eta * lambd)  # relu(x + eta x A - eta lam)
+    return out, a
 
 
-def _ista_backward(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+def _ista_backward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                    eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s, g = _gemm(dout, w, True, EPI_NONE, gate=out)                              # g = dout*(out>0); s = g W^T
-    dx, _ = _gemm(s, w, False, EPI_DX, e1=g, e2=s, eta=eta)                      # g + eta (s - s W)
-    p = torch.mm(x.t(), g)                                                        # x^T g (cuBLAS split-K)
-    dw = torch.addmm(p, w, p + p.t(), alpha=-1.0).mul_(eta)                       # eta (P - W (P + P^T))
+    dx, g = _gemm(dout, a, True, EPI_DX, e1=dout, e2=out, gate=out, eta=eta)   # g + eta g A^T, and g
+    p = torch.mm(x.t(), g).to(w.dtype)                                          # x^T g (cuBLAS split-K)
+    dw = torch.addmm(p, w, p + p.t(), alpha=-1.0).mul_(eta)                      # eta (P - W (P + P^T))
     return dx, dw
 
 
@@ -173,35 +172,37 @@ def _ista_backward(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dout: to
 # torch.library ops + autograd
 # ------------------------------------------------------------------------------------------------
 @register_op("crate_fast::ista_fwd")
-def ista_fwd(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
+def ista_fwd(x: torch.Tensor, w: torch.Tensor, eta: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _ista_forward(x, w, eta, lambd)
 
 
 @ista_fwd.register_fake
 def _(x, w, eta, lambd):
-    return torch.empty_like(x)
+    return torch.empty_like(x), w.new_empty(w.shape, dtype=x.dtype)
 
 
 @register_op("crate_fast::ista_bwd")
-def ista_bwd(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+def ista_bwd(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
              eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ista_backward(x, w, out, dout, eta)
+    return _ista_backward(x, w, a, out, dout, eta)
 
 
 @ista_bwd.register_fake
-def _(x, w, out, dout, eta):
+def _(x, w, a, out, dout, eta):
     return torch.empty_like(x), torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
     x, w, eta, _ = inputs
-    ctx.save_for_backward(x, w, output)
+    out, a = output
+    ctx.save_for_backward(x, w, a, out)
     ctx.eta = eta
+    ctx.mark_non_differentiable(a)
 
 
-def _backward(ctx, dout):
-    x, w, out = ctx.saved_tensors
-    dx, dw = ista_bwd(x, w, out, dout.contiguous(), ctx.eta)
+def _backward(ctx, dout, _da):
+    x, w, a, out = ctx.saved_tensors
+    dx, dw = ista_bwd(x, w, a, out, dout.contiguous(), ctx.eta)
     return dx, dw, None, None
 
 
@@ -213,9 +214,9 @@ ista_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 def ista_step_triton(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1,
                      lambd: float = 0.1) -> torch.Tensor:
-    """x: (..., C), weight: (C, C) -> (..., C) on the fused kernels."""
+    """x: (..., C), weight: (C, C) -> (..., C) on the fused kernels; computes in x's dtype."""
     check_tensor(x, "ista_step")
     check_tensor(weight, "ista_step weight")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    return ista_fwd(x2, weight.contiguous(), float(step_size), float(lambd)).view(shape)
+    return ista_fwd(x2, weight.contiguous(), float(step_size), float(lambd))[0].view(shape)

@@ -35,6 +35,7 @@ from ._triton import (
     interp_bf16,
     launch,
     register_op,
+    select_configs,
 )
 
 LOG2E = 1.4426950408889634
@@ -86,7 +87,8 @@ def admitted(configs: list, dtype: str, block_d: int, arch: int) -> list:
 
 def _prune(configs, named_args, **kwargs):
     w = named_args["W"]
-    return admitted(configs, dtype_name(w.dtype), kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), arch_of(w))
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    return select_configs(admitted(configs, dtype_name(w.dtype), block_d, arch_of(w)))
 
 
 # ------------------------------------------------------------------------------------------------

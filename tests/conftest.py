@@ -11,6 +11,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests take each kernel's first admitted config instead of autotuning every new shape;
+# test_gpu_shapes.py::test_every_admitted_config_is_correct runs all of them.
+os.environ.setdefault("CRATE_FAST_AUTOTUNE", "0")
 
 # fp32 comparisons mean real fp32: no TF32 matmuls on GPUs that would otherwise use them.
 torch.backends.cuda.matmul.allow_tf32 = False

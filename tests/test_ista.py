@@ -82,8 +82,18 @@ def test_ista_zero_preactivation_and_lambda(impl):
 def test_ista_input_errors():
     with pytest.raises(ValueError, match="weight must be"):
         ista_step(torch.randn(4, 8), torch.randn(8, 9))
-    with pytest.raises(TypeError, match="share one dtype"):
-        ista_step(torch.randn(4, 8), torch.randn(8, 8, dtype=torch.float64), impl="torch")
+    with pytest.raises(TypeError, match="floating point"):
+        ista_step(torch.ones(4, 8, dtype=torch.long), torch.randn(8, 8), impl="torch")
+
+
+def test_ista_computes_in_the_activation_dtype_with_a_higher_precision_dictionary():
+    x, W = make((5,), 32, torch.float64, "cpu")
+    W = W.requires_grad_()
+    out = ista_step(x.float(), W, impl="torch")
+    assert out.dtype == torch.float32
+    assert_rel(out, ista_step_ref(x, W.detach()))
+    out.sum().backward()
+    assert W.grad.dtype == torch.float64
 
 
 def test_ista_autocast():

@@ -75,10 +75,10 @@ def test_opcheck_registrations():
     torch.library.opcheck(torch.ops.crate_fast.mssa_bwd.default, (w.detach(), o, lse, torch.randn_like(o), 0.2))
     x = torch.randn(9, 48, device=DEV, requires_grad=True)
     W = torch.randn(48, 48, device=DEV, requires_grad=True)
-    out = torch.ops.crate_fast.ista_fwd(x.detach(), W.detach(), 0.1, 0.1)
+    out, a = torch.ops.crate_fast.ista_fwd(x.detach(), W.detach(), 0.1, 0.1)
     torch.library.opcheck(torch.ops.crate_fast.ista_fwd.default, (x, W, 0.1, 0.1))
     torch.library.opcheck(torch.ops.crate_fast.ista_bwd.default,
-                          (x.detach(), W.detach(), out, torch.randn_like(out), 0.1))
+                          (x.detach(), W.detach(), a, out, torch.randn_like(out), 0.1))
 
 
 def test_torch_compile_keeps_triton_ops_in_one_graph():

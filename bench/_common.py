@@ -1,0 +1,54 @@
+"""Shared helpers for the benchmarks: device, synchronized timing, result annotation, memory."""
+from __future__ import annotations
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def run(benchmark, fn, *, rounds: int | None = None, warmup: int | None = None) -> float:
+    """Time fn (synchronized on CUDA) with pytest-benchmark; returns the median in seconds."""
+    def timed():
+        fn()
+        sync()
+
+    rounds = rounds or (20 if CUDA else 10)
+    warmup = warmup if warmup is not None else (3 if CUDA else 2)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    return benchmark.stats.stats.median
+
+
+def annotate(benchmark, seconds: float, *, flops: float | None = None, images: int | None = None,
+             **extra) -> None:
+    """extra_info: TFLOP/s from a FLOP count, img/s from an image count, plus anything given."""
+    info = dict(extra)
+    if flops is not None:
+        info["tflops"] = round(flops / seconds / 1e12, 3)
+        info["flops"] = flops
+    if images is not None:
+        info["img_per_s"] = round(images / seconds, 1)
+    benchmark.extra_info.update(info)
+
+
+def saved_activation_bytes(fn, params=()) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while running fn(), the storage of
+    ``params`` excluded: the activation memory of a training step, on any device."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())

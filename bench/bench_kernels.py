@@ -1,0 +1,152 @@
+"""Kernel benchmarks: MSSA attention and the ISTA step, fwd / bwd / fwd_bwd, every provider side by side.
+
+TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, backward 2.5x (the
+FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward. A
+provider that does more arithmetic (the 3-matmul reference ISTA) therefore shows a lower rate.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _common import CUDA, DEVICE, annotate, run
+from crate_fast.kernels import ista_step, mssa_attention
+from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref
+from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch
+
+MODES = ["fwd", "bwd", "fwd_bwd"]
+
+# ---------------------------------------------------------------------------------------------------
+# MSSA. GPU: the four presets at 224 px (N = 197), batch 256. CPU: small shapes, ratios only.
+# ---------------------------------------------------------------------------------------------------
+if CUDA:
+    MSSA_SHAPES = {"T": (256, 6, 197, 64), "S": (256, 12, 197, 48), "B": (256, 12, 197, 64),
+                   "L": (256, 16, 197, 64)}
+    MSSA_DTYPES = [torch.bfloat16]
+else:
+    MSSA_SHAPES = {"T32px": (32, 6, 65, 64), "S32px": (16, 12, 65, 48)}
+    MSSA_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def f(w, scale):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(w, w, w, scale=scale)
+    return f
+
+
+def mssa_providers():
+    p = {"reference": lambda w, s: mssa_attention_ref(w, s), "torch": mssa_attention_torch}
+    from torch.nn.attention import SDPBackend
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH] if CUDA else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    for b in backends:
+        p[f"sdpa_{b.name.lower().replace('_attention', '')}"] = _sdpa(b)
+    try:
+        import xformers.ops as xops
+
+        def xf(w, scale):
+            t = w.transpose(1, 2)                               # xformers wants (B, N, H, D)
+            return xops.memory_efficient_attention(t, t, t, scale=scale).transpose(1, 2)
+        if CUDA:
+            p["xformers"] = xf
+    except ImportError:
+        pass
+    if CUDA:
+        p["triton"] = lambda w, s: mssa_attention(w, s, impl="triton")
+    return p
+
+
+MSSA_PROVIDERS = mssa_providers()
+
+
+def _bench_mode(benchmark, f, inputs, mode, grad_out):
+    """Time fwd (no grad), bwd (autograd.grad with a retained graph) or fwd_bwd of f(*inputs)."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                f(*inputs)
+    elif mode == "bwd":
+        out = f(*inputs)
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def step():
+            torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    else:
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def step():
+            torch.autograd.grad(f(*inputs), leaves, grad_out)
+    return run(benchmark, step)
+
+
+@pytest.mark.parametrize("shape", list(MSSA_SHAPES), ids=lambda s: f"{s}")
+@pytest.mark.parametrize("dtype", MSSA_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", list(MSSA_PROVIDERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_mssa(benchmark, mode, provider, dtype, shape):
+    benchmark.group = f"mssa-{mode}-{shape}-{str(dtype).split('.')[1]}"
+    B, H, N, D = MSSA_SHAPES[shape]
+    # The model's layout: a strided (B, H, N, D) view of the (B, N, H*D) projection output.
+    w = torch.randn(B, N, H * D, device=DEVICE, dtype=dtype).view(B, N, H, D).transpose(1, 2)
+    w = (w * 0.5).detach().requires_grad_()
+    f = MSSA_PROVIDERS[provider]
+    scale = D ** -0.5
+    try:
+        out = f(w, scale)
+    except (RuntimeError, NotImplementedError) as e:   # an SDPA backend that does not take this input
+        pytest.skip(f"{provider}: {str(e).splitlines()[0][:120]}")
+    g = torch.randn_like(out)
+    seconds = _bench_mode(benchmark, f, (w, scale), mode, g)
+    fwd = 4 * B * H * N * N * D
+    annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode],
+             provider=provider, shape=[B, H, N, D], dtype=str(dtype).split(".")[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# ISTA. GPU: rows = B * 197 for B in {64, 256} at the preset widths. CPU: small, ratios only.
+# ---------------------------------------------------------------------------------------------------
+if CUDA:
+    ISTA_SHAPES = {f"B{b}xC{c}": (b * 197, c) for b, c in
+                   [(256, 384), (256, 576), (256, 768), (256, 1024), (64, 768)]}
+    ISTA_DTYPES = [torch.bfloat16]
+else:
+    ISTA_SHAPES = {"B32xC384": (32 * 65, 384), "B8xC768": (8 * 65, 768)}
+    ISTA_DTYPES = [torch.float32, torch.bfloat16]
+
+_COMPILED = {}
+# The "bwd" mode replays one backward on a retained graph, which compiled backwards with donated
+# buffers refuse; donation saves memory, not time.
+import torch._functorch.config  # noqa: E402
+
+torch._functorch.config.donated_buffer = False
+
+
+def _compiled_ref(x, W):
+    if "ref" not in _COMPILED:
+        _COMPILED["ref"] = torch.compile(ista_step_ref)
+    return _COMPILED["ref"](x, W)
+
+
+ISTA_PROVIDERS = {"reference": ista_step_ref, "torch": ista_step_torch, "compile": _compiled_ref}
+if CUDA:
+    ISTA_PROVIDERS["triton"] = lambda x, W: ista_step(x, W, impl="triton")
+
+
+@pytest.mark.parametrize("shape", list(ISTA_SHAPES))
+@pytest.mark.parametrize("dtype", ISTA_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", list(ISTA_PROVIDERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_ista(benchmark, mode, provider, dtype, shape):
+    benchmark.group = f"ista-{mode}-{shape}-{str(dtype).split('.')[1]}"
+    M, C = ISTA_SHAPES[shape]
+    x = torch.randn(M, C, device=DEVICE, dtype=dtype).requires_grad_()
+    W = (torch.empty(C, C, device=DEVICE).uniform_(-1, 1) * (6 / C) ** 0.5).to(dtype).requires_grad_()
+    f = ISTA_PROVIDERS[provider]
+    g = torch.randn(M, C, device=DEVICE, dtype=dtype)
+    seconds = _bench_mode(benchmark, f, (x, W), mode, g)
+    fwd = 4 * M * C * C
+    annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode],
+             provider=provider, shape=[M, C], dtype=str(dtype).split(".")[1])

@@ -1,0 +1,117 @@
+"""Model-level speed: training step (forward + backward + optimizer) and inference, img/s, MFU, memory.
+
+Every CRATE impl side by side with timm's ViT-S/16 and ViT-B/16 (what users would otherwise pick).
+GPU: the presets at 224 px / patch 16, batch 256, bf16 autocast, fused AdamW. CPU: crate_tiny (and
+ViT-S, the same width) at 32 px / patch 4 (65 tokens), batch 32, fp32: ratios only.
+MFU counts the model's useful FLOPs (crate_fast.flops, 2-GEMM ISTA) for every impl.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _common import CUDA, DEVICE, annotate, run, saved_activation_bytes, sync
+
+from crate_fast import create_model, get_config
+from crate_fast.flops import flops_per_image, peak_flops, vit_flops_per_image
+
+if CUDA:
+    IMG, PATCH, BATCH, DTYPE = 224, 16, 256, torch.bfloat16
+    PRESETS = ["crate_tiny", "crate_small", "crate_base", "crate_large"]
+    IMPLS = ["reference", "torch", "triton", "compile"]
+    COMPILE_PRESETS = {"crate_base"}            # torch.compile costs ~1 min per model: the headline preset
+    VITS = {"vit_small_patch16_224": (384, 6), "vit_base_patch16_224": (768, 12)}
+else:
+    IMG, PATCH, BATCH, DTYPE = 32, 4, 32, torch.float32
+    PRESETS = ["crate_tiny"]
+    IMPLS = ["reference", "torch", "compile"]
+    COMPILE_PRESETS = {"crate_tiny"}
+    VITS = {"vit_small_patch16_224": (384, 6)}
+NUM_CLASSES = 1000
+
+
+def _autocast():
+    return torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32)
+
+
+def _build(arch: str, impl: str):
+    torch.manual_seed(0)
+    if arch.startswith("vit"):
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(arch, pretrained=False, img_size=IMG, patch_size=PATCH, num_classes=NUM_CLASSES)
+        dim, depth = VITS[arch]
+        flops = vit_flops_per_image(dim, 12, img=IMG, patch=PATCH, classes=NUM_CLASSES, training=True)
+    else:
+        model = create_model(arch, num_classes=NUM_CLASSES, img_size=IMG, patch_size=PATCH,
+                             impl="torch" if impl == "compile" else impl)
+        flops = flops_per_image(get_config(arch, img_size=IMG, patch_size=PATCH, num_classes=NUM_CLASSES),
+                                training=True)
+    model = model.to(DEVICE)
+    if impl == "compile":
+        model = torch.compile(model)
+    return model, flops
+
+
+def _cases():
+    for arch in PRESETS:
+        for impl in IMPLS:
+            if impl != "compile" or arch in COMPILE_PRESETS:
+                yield arch, impl
+    for arch in VITS:
+        yield arch, "timm"
+
+
+@pytest.mark.parametrize("arch,impl", list(_cases()), ids=lambda v: v)
+def test_train_step(benchmark, arch, impl):
+    benchmark.group = f"train-{IMG}px-b{BATCH}"
+    model, flops = _build(arch, impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    x = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE)
+
+    def forward():
+        with _autocast():
+            return F.cross_entropy(model(x), y)
+
+    def step():
+        forward().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                            # autotune / compile outside the timing
+    sync()
+    activations = saved_activation_bytes(forward, params=list(model.parameters()))
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated()
+    seconds = run(benchmark, step)
+    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG, activation_mb=round(activations / 2**20, 1))
+    if CUDA:
+        extra["peak_mem_mb"] = round(peak / 2**20, 1)
+        peak_fl = peak_flops(torch.cuda.get_device_name(0))
+        if peak_fl:
+            extra["mfu"] = round(flops * BATCH / seconds / peak_fl, 4)
+    annotate(benchmark, seconds, flops=flops * BATCH, images=BATCH, **extra)
+
+
+@pytest.mark.parametrize("arch,impl", list(_cases()), ids=lambda v: v)
+def test_inference(benchmark, arch, impl):
+    benchmark.group = f"infer-{IMG}px-b{BATCH}"
+    model, flops = _build(arch, impl)
+    model.eval()
+    x = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
+
+    def step():
+        with torch.inference_mode(), _autocast():
+            model(x)
+
+    step()
+    seconds = run(benchmark, step)
+    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG)
+    if CUDA:
+        peak_fl = peak_flops(torch.cuda.get_device_name(0))
+        if peak_fl:
+            extra["mfu"] = round(flops / 3 * BATCH / seconds / peak_fl, 4)
+    annotate(benchmark, seconds, flops=flops / 3 * BATCH, images=BATCH, **extra)

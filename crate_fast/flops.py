@@ -1,0 +1,51 @@
+"""Exact matmul FLOP counts of CRATE per image, for MFU and roofline numbers (perf_anchors.md §7).
+
+A multiply-add is 2 FLOPs. Norms, softmax and elementwise work are not counted (they cost bandwidth,
+not matrix FLOPs), as in every MFU convention. Training is 3x forward (backward = 2x forward).
+"""
+from __future__ import annotations
+
+from .config import CRATEConfig
+
+# Dense bf16/fp16 tensor-core peak (FLOP/s) by GPU name substring, for MFU.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362e12,
+             "RTX 4090": 165.2e12}
+
+
+def flops_per_image(cfg: CRATEConfig, *, ista: str = "2mm", training: bool = False,
+                    img_size: tuple[int, int] | None = None) -> int:
+    """FLOPs of one image through the model.
+
+    ista="2mm" counts the exact 2-GEMM ISTA step (the model's real arithmetic; use it for MFU of every
+    impl), "3mm" the official code's 3 GEMMs (what impl="reference" executes).
+    """
+    if ista not in ("2mm", "3mm"):
+        raise ValueError(f"ista must be '2mm' or '3mm', got {ista!r}")
+    h, w = img_size or cfg.img_size
+    P = (h // cfg.patch_size[0]) * (w // cfg.patch_size[1])
+    N, d, inner = P + 1, cfg.dim, cfg.heads * cfg.dim_head
+    patch = 2 * P * cfg.patch_dim * d
+    proj = 2 * N * d * inner + 2 * N * inner * d              # U projection + output projection
+    ista_f = (4 if ista == "2mm" else 6) * N * d * d
+    attn = 4 * N * N * inner                                   # w w^T and P w, all heads
+    head = 2 * d * cfg.num_classes
+    fwd = patch + cfg.depth * (proj + ista_f + attn) + head
+    return 3 * fwd if training else fwd
+
+
+def vit_flops_per_image(dim: int, depth: int, img: int = 224, patch: int = 16, classes: int = 1000,
+                        mlp_ratio: float = 4.0, training: bool = False) -> int:
+    """A standard ViT's matmul FLOPs per image (qkv + out projection, MLP, attention), for comparison."""
+    P = (img // patch) ** 2
+    N = P + 1
+    layer = 2 * N * dim * 3 * dim + 2 * N * dim * dim + 2 * 2 * N * dim * int(mlp_ratio * dim) + 4 * N * N * dim
+    fwd = 2 * P * 3 * patch * patch * dim + depth * layer + 2 * dim * classes
+    return 3 * fwd if training else fwd
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense 16-bit peak of a GPU by name (None if unknown)."""
+    for key, value in PEAK_BF16.items():
+        if key in device_name:
+            return value
+    return None
