@@ -16,6 +16,15 @@ from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch
 
 MODES = ["fwd", "bwd", "fwd_bwd"]
 
+
+def _tuned(provider: str, op: str) -> dict:
+    """The block sizes the autotuner picked for the last shape (triton provider only)."""
+    if provider != "triton":
+        return {}
+    from crate_fast.kernels import ista, mssa
+    kernels = {"mssa": [mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel], "ista": [ista._ista_gemm_kernel]}[op]
+    return {f"config_{k.fn.__name__}": str(getattr(k, "best_config", None)) for k in kernels}
+
 # ---------------------------------------------------------------------------------------------------
 # MSSA. GPU: the four presets at 224 px (N = 197), batch 256. CPU: small shapes, ratios only.
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +111,7 @@ def test_mssa(benchmark, mode, provider, dtype, shape):
     seconds = _bench_mode(benchmark, f, (w, scale), mode, g)
     fwd = 4 * B * H * N * N * D
     annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode],
-             provider=provider, shape=[B, H, N, D], dtype=str(dtype).split(".")[1])
+             provider=provider, shape=[B, H, N, D], dtype=str(dtype).split(".")[1], **_tuned(provider, "mssa"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,4 +158,4 @@ def test_ista(benchmark, mode, provider, dtype, shape):
     seconds = _bench_mode(benchmark, f, (x, W), mode, g)
     fwd = 4 * M * C * C
     annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode],
-             provider=provider, shape=[M, C], dtype=str(dtype).split(".")[1])
+             provider=provider, shape=[M, C], dtype=str(dtype).split(".")[1], **_tuned(provider, "ista"))

@@ -80,15 +80,19 @@ def jobs(archs=(80, 90)) -> list[Job]:
             for block_d in mssa.HEAD_BLOCKS:
                 if dtype == "fp32" and block_d > mssa.FP32_MAX_HEAD_DIM:
                     continue                                    # refused by the dispatcher
-                base = dict(BLOCK_D=block_d, INTERP_BF16=False)
-                for name, configs in (("_mssa_fwd_kernel", mssa.FWD_CONFIGS), ("_mssa_bwd_kernel", mssa.BWD_CONFIGS)):
-                    admitted = mssa.admitted(configs, dtype, block_d, arch)
-                    if not admitted:
-                        out.append(Job(f"mssa.{name}", arch, dtype, {}, 0, 0, f"D<={block_d}: no config fits"))
-                    for cfg in admitted:
-                        out.append(Job(f"mssa.{name}", arch, dtype,
-                                       {**base, **cfg.kwargs, "PRECISION": _precision(dtype)},
-                                       cfg.num_warps, cfg.num_stages, f"D<={block_d} {_fmt(cfg.kwargs)}"))
+                for even in (True, False):               # D == BLOCK_D (64), or padded (48 -> 64)
+                    base = dict(BLOCK_D=block_d, EVEN_D=even, INTERP_BF16=False)
+                    head = f"D{'=' if even else '<'}{block_d}"
+                    for name, configs in (("_mssa_fwd_kernel", mssa.FWD_CONFIGS),
+                                          ("_mssa_bwd_kernel", mssa.BWD_CONFIGS)):
+                        admitted = mssa.admitted(configs, dtype, block_d, arch)
+                        if not admitted:
+                            out.append(Job(f"mssa.{name}", arch, dtype, {}, 0, 0, f"{head}: no config fits"))
+                        extra = {"ONE_LOOP": dtype == "fp32"} if name == "_mssa_bwd_kernel" else {}
+                        for cfg in admitted:
+                            out.append(Job(f"mssa.{name}", arch, dtype,
+                                           {**base, **extra, **cfg.kwargs, "PRECISION": _precision(dtype)},
+                                           cfg.num_warps, cfg.num_stages, f"{head} {_fmt(cfg.kwargs)}"))
                 out.append(Job("mssa._mssa_bwd_delta_kernel", arch, dtype,
                                dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
             for mask_a, epi in ista.VARIANTS:

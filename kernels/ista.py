@@ -39,13 +39,14 @@ VARIANTS = [(False, EPI_ISTA), (True, EPI_DX)]
 
 # Autotune candidates: dtype class, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, and which GEMM variants
 # compile without register spills on sm_80 and on sm_90a, as a level: 0 none, 1 the forward GEMM,
-# 2 also the backward GEMM (gated prologue: A through registers; two epilogue loads).
+# 2 also the backward GEMM (gated prologue: A through registers; two epilogue loads); with Triton 3.6
+# and 3.8 alike.
 # ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
 _ROWS = [
-    ("16bit", 128, 128, 64, 8, 3, 1, 2), ("16bit", 128, 128, 64, 8, 4, 1, 2), ("16bit", 128, 256, 64, 8, 3, 0, 1),
-    ("16bit", 256, 128, 64, 8, 3, 0, 1), ("16bit", 128, 64, 64, 4, 4, 1, 1), ("16bit", 64, 128, 64, 4, 4, 1, 2),
-    ("16bit", 64, 64, 64, 4, 4, 2, 2), ("16bit", 128, 128, 32, 4, 4, 1, 1),
-    ("fp32", 64, 64, 64, 4, 4, 0, 2), ("fp32", 64, 64, 32, 4, 2, 2, 2), ("fp32", 32, 64, 32, 4, 2, 2, 2),
+    ("16bit", 128, 128, 64, 8, 3, 1, 2), ("16bit", 128, 128, 64, 8, 4, 1, 2), ("16bit", 128, 128, 64, 8, 2, 1, 2),
+    ("16bit", 256, 128, 64, 8, 3, 0, 1), ("16bit", 128, 64, 64, 4, 4, 0, 1), ("16bit", 64, 128, 64, 4, 4, 0, 1),
+    ("16bit", 64, 64, 64, 4, 4, 2, 2), ("16bit", 64, 64, 32, 4, 3, 2, 2),
+    ("fp32", 64, 64, 64, 4, 4, 0, 1), ("fp32", 64, 64, 32, 4, 2, 2, 2), ("fp32", 32, 64, 32, 4, 2, 1, 1),
 ]
 _INTERPRETER_ROW = ("any", 32, 32, 32, 4, 1, 2, 2)
 
@@ -103,13 +104,22 @@ def _ista_gemm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    # 64-bit row offset once per program (M * C can pass 2^31); 32-bit offsets inside the tile keep
+    # the pointer tensors small (full 64-bit 2D offsets cost ~2 registers per element and spilled).
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    A += row0 * K
+    GATE += row0 * K
+    G += row0 * K
+    C += row0 * N
+    E1 += row0 * N
+    E2 += row0 * N
+    rows = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    mask_m, mask_n = rows < M - row0, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_off = offs_m[:, None] * K + offs_k[None, :]
+        a_off = rows[:, None] * K + offs_k[None, :]
         a_mask = mask_m[:, None] & (offs_k[None, :] < K)
         a = tl.load(A + a_off, mask=a_mask, other=0.0)
         if MASK_A:
@@ -120,7 +130,7 @@ def _ista_gemm_kernel(
                     mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0)
         acc = dot(a, b, acc, INTERP_BF16, PRECISION)
 
-    c_off = offs_m[:, None] * N + offs_n[None, :]
+    c_off = rows[:, None] * N + offs_n[None, :]
     c_mask = mask_m[:, None] & mask_n[None, :]
     e1 = tl.load(E1 + c_off, mask=c_mask, other=0.0).to(tl.float32)
     if EPILOGUE == 1:    # out = relu(x + eta x A - eta lambda);  E1 = x

@@ -46,22 +46,23 @@ MAX_HEAD_DIM = 128
 # Autotune candidates. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
 # (less padding waste at N = 197) are in every table. Each row: dtype class, the two block sizes,
 # warps, stages, and the largest head block that compiles without register spills on sm_80 and on
-# sm_90a (0: never). ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
-# fp32 runs IEEE fp32 dots (FMA, no tensor cores) whose operands take far more registers: small tiles.
+# sm_90a with Triton 3.6 and 3.8 alike (0: never). ``python -m crate_fast.kernels.aot_check`` verifies
+# every admitted combination with the installed Triton. fp32 runs IEEE fp32 dots (FMA, no tensor
+# cores) whose operands take far more registers: small tiles, and a single backward loop.
 # ------------------------------------------------------------------------------------------------
 HEAD_BLOCKS = (16, 32, 64, 128)     # head dims are padded up to one of these inside the kernels
 DELTA_BLOCK_M = 16 if INTERPRET else 64
 FP32_MAX_HEAD_DIM = 64              # fp32 backward spills at head block 128 with every tile shape
 
 _FWD_ROWS = [
-    ("16bit", 64, 64, 4, 2, 128, 128), ("16bit", 64, 64, 4, 3, 128, 128), ("16bit", 128, 64, 8, 2, 128, 128),
-    ("16bit", 128, 32, 8, 3, 128, 128), ("16bit", 64, 32, 4, 3, 64, 128), ("16bit", 32, 32, 4, 2, 128, 128),
-    ("fp32", 32, 32, 4, 2, 64, 64), ("fp32", 16, 16, 4, 1, 128, 128),
+    ("16bit", 64, 64, 4, 2, 64, 128), ("16bit", 64, 32, 4, 3, 64, 128), ("16bit", 128, 64, 8, 2, 128, 128),
+    ("16bit", 128, 32, 8, 3, 128, 128), ("16bit", 64, 16, 4, 2, 64, 128), ("16bit", 32, 32, 4, 2, 128, 128),
+    ("fp32", 16, 16, 8, 1, 64, 64), ("fp32", 32, 16, 4, 2, 64, 32), ("fp32", 32, 32, 4, 2, 32, 16),
 ]
 _BWD_ROWS = [
-    ("16bit", 64, 16, 4, 2, 128, 128), ("16bit", 128, 32, 8, 2, 128, 128), ("16bit", 32, 64, 4, 2, 128, 128),
-    ("16bit", 64, 32, 4, 2, 32, 128), ("16bit", 64, 64, 8, 2, 32, 32), ("16bit", 32, 32, 4, 2, 64, 64),
-    ("fp32", 32, 32, 4, 2, 32, 32), ("fp32", 16, 16, 4, 1, 64, 64),
+    ("16bit", 64, 16, 4, 2, 64, 128), ("16bit", 128, 32, 8, 2, 64, 128), ("16bit", 64, 32, 4, 2, 64, 128),
+    ("16bit", 128, 16, 8, 2, 128, 128), ("16bit", 64, 64, 4, 2, 64, 64), ("16bit", 32, 32, 4, 2, 128, 128),
+    ("fp32", 16, 16, 4, 1, 64, 64), ("fp32", 16, 16, 8, 1, 64, 64), ("fp32", 32, 16, 4, 2, 32, 32),
 ]
 _INTERPRETER_ROW = ("any", 32, 16, 4, 1, 128, 128)
 
@@ -94,13 +95,43 @@ def _prune(configs, named_args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, rows, offs_d, stride, N, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile of a (N, D) head slice; rows >= N and padded head columns read as 0."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows[:, None] < N, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _fwd_block(q, m_i, l_i, acc, W, start, offs_d, s_wn, N, D, qk_scale, BLOCK_N: tl.constexpr,
+               MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over key block [start, start + BLOCK_N): the tile is key AND value."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    kv = _load_rows(W, offs_n, offs_d, s_wn, N, D, MASK_ROWS, EVEN_D)
+    s = dot(q, tl.trans(kv), None, INTERP_BF16, PRECISION)                 # raw scores (BLOCK_M, BLOCK_N)
+    if MASK_ROWS:                                                           # only the last block has a tail
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])                              # one FMA + EX2 per score
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = dot(cast(p, kv.dtype, INTERP_BF16), kv, acc * alpha[:, None], INTERP_BF16, PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["N", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mssa_fwd_kernel(
     W, O, LSE,                                   # w, o: (B, H, N, D) strided, last stride 1; lse: (B*H, N)
     s_wb, s_wh, s_wn, s_ob, s_oh, s_on,
-    H, N, D, qk_scale,                           # qk_scale = scale * log2(e): softmax in base 2
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, D, qk_scale,                           # qk_scale = scale * log2(e) > 0: softmax in base 2
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -110,30 +141,24 @@ def _mssa_fwd_kernel(
     O += b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d[None, :] < D                 # head dim 48 -> BLOCK_D 64: zero padding, no copy
-    q = tl.load(W + offs_m[:, None] * s_wn + offs_d[None, :], mask=(offs_m[:, None] < N) & mask_d, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)               # head dim 48 -> BLOCK_D 64: zero padding, no copy
+    q = _load_rows(W, offs_m, offs_d, s_wn, N, D, True, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kv = tl.load(W + offs_n[:, None] * s_wn + offs_d[None, :],       # one tile: key AND value
-                     mask=(offs_n[:, None] < N) & mask_d, other=0.0)
-        s = dot(q, tl.trans(kv), None, INTERP_BF16, PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
-        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(cast(p, kv.dtype, INTERP_BF16), kv, acc * alpha[:, None], INTERP_BF16, PRECISION)
-        m_i = m_new
+    n_full = N - N % BLOCK_N
+    for start in range(0, n_full, BLOCK_N):      # full blocks: no masks
+        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, W, start, offs_d, s_wn, N, D, qk_scale, BLOCK_N, False, EVEN_D,
+                                   INTERP_BF16, PRECISION)
+    if n_full < N:                               # the tail (N = 197: 5 keys with BLOCK_N = 64)
+        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, W, n_full, offs_d, s_wn, N, D, qk_scale, BLOCK_N, True, EVEN_D,
+                                   INTERP_BF16, PRECISION)
 
-    mask_m = offs_m < N
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     tl.store(O + offs_m[:, None] * s_on + offs_d[None, :], cast(acc / l_i[:, None], O.dtype.element_ty, INTERP_BF16),
-             mask=mask_m[:, None] & mask_d)
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+             mask=mask)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
 @triton.jit
@@ -162,14 +187,52 @@ def _mssa_bwd_delta_kernel(
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
+@triton.jit
+def _bwd_tile(acc, w_j, do_j, lse_j, delta_j, w_i, do_i, lse_i, delta_i, qk_scale, scale,
+              INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """Add token block i's contribution to dw_j = dV_j + dK_j + dQ_j (5 tile GEMMs).
+
+    No masks: rows past N were loaded as zeros with lse = delta = 0. Every exponent below is <= 0
+    (lse_i >= the diagonal score w_i.w_i * scale >= 0 for scale > 0), so p is in [0, 1], and the
+    zero rows of w_i / do_i cancel whatever a padded row or column contributes.
+    """
+    st = dot(w_j, tl.trans(w_i), None, INTERP_BF16, PRECISION)              # raw S[j,i] = S[i,j]^T (BJ, BI)
+    pt_ij = tl.exp2(st * qk_scale - lse_i[None, :])                         # P[i,j]^T (softmax rows i)
+    p_ji = tl.exp2(st * qk_scale - lse_j[:, None])                          # P[j,i]   (softmax rows j)
+    dpt_ij = dot(w_j, tl.trans(do_i), None, INTERP_BF16, PRECISION)         # dP[i,j]^T = w_j dO_i^T
+    dp_ji = dot(do_j, tl.trans(w_i), None, INTERP_BF16, PRECISION)          # dP[j,i]  = dO_j w_i^T
+    # dS[i,j]^T + dS[j,i]: the key-side and query-side score gradients of block j, summed.
+    t = pt_ij * (dpt_ij - delta_i[None, :]) + p_ji * (dp_ji - delta_j[:, None])
+    acc = dot(cast(pt_ij, w_i.dtype, INTERP_BF16), do_i, acc, INTERP_BF16, PRECISION)        # dV_j
+    return dot(cast(t * scale, w_i.dtype, INTERP_BF16), w_i, acc, INTERP_BF16, PRECISION)   # + dK_j + dQ_j
+
+
+@triton.jit
+def _bwd_block(acc, w_j, do_j, lse_j, delta_j, W, DO, LSE, DELTA, start, offs_d, s_wn, s_dn, N, D, qk_scale, scale,
+               BLOCK_I: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, INTERP_BF16: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Load token block i = [start, start + BLOCK_I) and add its contribution to dw_j."""
+    offs_i = start + tl.arange(0, BLOCK_I)
+    w_i = _load_rows(W, offs_i, offs_d, s_wn, N, D, MASK_ROWS, EVEN_D)
+    do_i = _load_rows(DO, offs_i, offs_d, s_dn, N, D, MASK_ROWS, EVEN_D)
+    if MASK_ROWS:
+        lse_i = tl.load(LSE + offs_i, mask=offs_i < N, other=0.0)
+        delta_i = tl.load(DELTA + offs_i, mask=offs_i < N, other=0.0)
+    else:
+        lse_i = tl.load(LSE + offs_i)
+        delta_i = tl.load(DELTA + offs_i)
+    return _bwd_tile(acc, w_j, do_j, lse_j, delta_j, w_i, do_i, lse_i, delta_i, qk_scale, scale, INTERP_BF16,
+                     PRECISION)
+
+
 @triton.autotune(configs=BWD_CONFIGS, key=["N", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mssa_bwd_kernel(
     W, DO, LSE, DELTA, DW,                       # w, do, dw: (B, H, N, D) strided; lse, delta: (B*H, N)
     s_wb, s_wh, s_wn, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
     H, N, D, qk_scale, scale,
-    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ONE_LOOP: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -180,37 +243,29 @@ def _mssa_bwd_kernel(
     DELTA += bh.to(tl.int64) * N
 
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d[None, :] < D
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)          # the token block this program owns
-    mask_j = offs_j < N
-    w_j = tl.load(W + offs_j[:, None] * s_wn + offs_d[None, :], mask=mask_j[:, None] & mask_d, other=0.0)
-    do_j = tl.load(DO + offs_j[:, None] * s_dn + offs_d[None, :], mask=mask_j[:, None] & mask_d, other=0.0)
-    lse_j = tl.load(LSE + offs_j, mask=mask_j, other=0.0)
-    delta_j = tl.load(DELTA + offs_j, mask=mask_j, other=0.0)
+    w_j = _load_rows(W, offs_j, offs_d, s_wn, N, D, True, EVEN_D)
+    do_j = _load_rows(DO, offs_j, offs_d, s_dn, N, D, True, EVEN_D)
+    lse_j = tl.load(LSE + offs_j, mask=offs_j < N, other=0.0)
+    delta_j = tl.load(DELTA + offs_j, mask=offs_j < N, other=0.0)
 
-    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)              # dw_j = dV_j + dK_j + dQ_j
-    for start in range(0, N, BLOCK_I):
-        offs_i = start + tl.arange(0, BLOCK_I)
-        mask_i = offs_i < N
-        w_i = tl.load(W + offs_i[:, None] * s_wn + offs_d[None, :], mask=mask_i[:, None] & mask_d, other=0.0)
-        do_i = tl.load(DO + offs_i[:, None] * s_dn + offs_d[None, :], mask=mask_i[:, None] & mask_d, other=0.0)
-        lse_i = tl.load(LSE + offs_i, mask=mask_i, other=0.0)
-        delta_i = tl.load(DELTA + offs_i, mask=mask_i, other=0.0)
-        valid = mask_j[:, None] & mask_i[None, :]
+    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+    if ONE_LOOP:     # fp32 (FMA dots, register-hungry): a second copy of the body would spill
+        for start in range(0, N, BLOCK_I):
+            acc = _bwd_block(acc, w_j, do_j, lse_j, delta_j, W, DO, LSE, DELTA, start, offs_d, s_wn, s_dn, N, D,
+                             qk_scale, scale, BLOCK_I, True, EVEN_D, INTERP_BF16, PRECISION)
+    else:
+        n_full = N - N % BLOCK_I
+        for start in range(0, n_full, BLOCK_I):  # full tiles: unmasked loads
+            acc = _bwd_block(acc, w_j, do_j, lse_j, delta_j, W, DO, LSE, DELTA, start, offs_d, s_wn, s_dn, N, D,
+                             qk_scale, scale, BLOCK_I, False, EVEN_D, INTERP_BF16, PRECISION)
+        if n_full < N:                           # the tail tile
+            acc = _bwd_block(acc, w_j, do_j, lse_j, delta_j, W, DO, LSE, DELTA, n_full, offs_d, s_wn, s_dn, N, D,
+                             qk_scale, scale, BLOCK_I, True, EVEN_D, INTERP_BF16, PRECISION)
 
-        st = dot(w_j, tl.trans(w_i), None, INTERP_BF16, PRECISION) * qk_scale       # S[j,i] = S[i,j]^T (BJ, BI)
-        pt_ij = tl.where(valid, tl.exp2(st - lse_i[None, :]), 0.0)              # P[i,j]^T (rows i)
-        p_ji = tl.where(valid, tl.exp2(st - lse_j[:, None]), 0.0)               # P[j,i]   (rows j)
-        dpt_ij = dot(w_j, tl.trans(do_i), None, INTERP_BF16, PRECISION)              # dP[i,j]^T = w_j dO_i^T
-        dp_ji = dot(do_j, tl.trans(w_i), None, INTERP_BF16, PRECISION)               # dP[j,i]  = dO_j w_i^T
-        # dS[i,j]^T + dS[j,i]: the key-side and query-side score gradients of block j, summed.
-        t = pt_ij * (dpt_ij - delta_i[None, :]) + p_ji * (dp_ji - delta_j[:, None])
-
-        acc = dot(cast(pt_ij, w_i.dtype, INTERP_BF16), do_i, acc, INTERP_BF16, PRECISION)            # dV_j
-        acc = dot(cast(t * scale, w_i.dtype, INTERP_BF16), w_i, acc, INTERP_BF16, PRECISION)       # dK_j + dQ_j
-
+    mask = (offs_j[:, None] < N) & (offs_d[None, :] < D)
     tl.store(DW + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + offs_j[:, None] * s_gn + offs_d[None, :],
-             cast(acc, DW.dtype.element_ty, INTERP_BF16), mask=mask_j[:, None] & mask_d)
+             cast(acc, DW.dtype.element_ty, INTERP_BF16), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +282,8 @@ def _mssa_forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Te
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
     launch(_mssa_fwd_kernel)[grid](
         w, o, lse, *w.stride()[:3], *o.stride()[:3], H, N, D, scale * LOG2E,
-        BLOCK_D=_head_block(D), INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
+        BLOCK_D=_head_block(D), EVEN_D=_head_block(D) == D,
+        INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
     return o, lse
 
 
@@ -244,8 +300,8 @@ def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torc
     grid = lambda META: (triton.cdiv(N, META["BLOCK_J"]), B * H)  # noqa: E731
     launch(_mssa_bwd_kernel)[grid](
         w, do, lse, delta, dw, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
-        H, N, D, scale * LOG2E, scale,
-        BLOCK_D=block_d, INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
+        H, N, D, scale * LOG2E, scale, BLOCK_D=block_d, EVEN_D=block_d == D, ONE_LOOP=w.dtype == torch.float32,
+        INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
     return dw
 
 
@@ -317,6 +373,7 @@ def mssa_attention_triton(w: torch.Tensor, scale: float | None = None) -> torch.
     if w.stride(-1) != 1:
         w = w.contiguous()
     scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        # The kernels rely on scale > 0 (the diagonal score bounds every exponent); CRATE's is D^-1/2.
+        raise ValueError(f"the Triton kernel needs a finite scale > 0, got {scale}")
     return mssa_fwd(w, scale)[0]
