@@ -1,6 +1,8 @@
 """Shared helpers for the benchmarks: device, synchronized timing, result annotation, memory."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 CUDA = torch.cuda.is_available()
@@ -12,15 +14,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run(benchmark, fn, *, rounds: int | None = None, warmup: int | None = None) -> float:
-    """Time fn (synchronized on CUDA) with pytest-benchmark; returns the median in seconds."""
-    def timed():
+def run(benchmark, fn, *, calls: int = 1, rounds: int | None = None, warmup: int | None = None) -> float:
+    """Time fn with pytest-benchmark; returns the median seconds per call.
+
+    Each round makes ``calls`` back-to-back calls and synchronizes once at its end (on CUDA), so the
+    host runs ahead of the GPU as it does in training: per-call launch latency is not counted as
+    GPU time. pytest-benchmark divides by ``calls``, so its stats are per call too.
+    """
+    count = itertools.count(1)
+
+    def target():
         fn()
-        sync()
+        if next(count) % calls == 0:
+            sync()
 
     rounds = rounds or (20 if CUDA else 10)
     warmup = warmup if warmup is not None else (3 if CUDA else 2)
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    benchmark.pedantic(target, rounds=rounds, iterations=calls, warmup_rounds=warmup)
+    benchmark.extra_info["calls_per_round"] = calls
     return benchmark.stats.stats.median
 
 

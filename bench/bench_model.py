@@ -7,6 +7,8 @@ MFU counts the model's useful FLOPs (crate_fast.flops, 2-GEMM ISTA) for every im
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,15 @@ else:
     COMPILE_PRESETS = {"crate_tiny"}
     VITS = {"vit_small_patch16_224": (384, 6)}
 NUM_CLASSES = 1000
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Each case builds its own model; release it (and any failed case's frames) before the next."""
+    yield
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 def _autocast():
@@ -86,7 +97,7 @@ def test_train_step(benchmark, arch, impl):
         step()
         sync()
         peak = torch.cuda.max_memory_allocated()
-    seconds = run(benchmark, step)
+    seconds = run(benchmark, step, rounds=10 if CUDA else None)
     extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG, activation_mb=round(activations / 2**20, 1))
     if CUDA:
         extra["peak_mem_mb"] = round(peak / 2**20, 1)
@@ -108,7 +119,7 @@ def test_inference(benchmark, arch, impl):
             model(x)
 
     step()
-    seconds = run(benchmark, step)
+    seconds = run(benchmark, step, calls=3 if CUDA else 1, rounds=10 if CUDA else None)
     extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG)
     if CUDA:
         peak_fl = peak_flops(torch.cuda.get_device_name(0))

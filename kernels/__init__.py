@@ -5,14 +5,14 @@
 
 impl: "reference" (literal official math, autograd), "torch" (fast PyTorch with hand-written
 backward, any device), "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "auto"
-(triton for CUDA inputs the kernels take, torch otherwise). Under torch.autocast the activations are
-cast like F.linear's; ISTA keeps its dictionary in its own dtype to form the C x C operator.
+(triton for CUDA inputs the kernels take, torch otherwise). Under torch.autocast the matrix work runs
+in the autocast dtype, as F.linear's would; ISTA's residual and output keep the input's dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import autocast_cast, resolve_impl
+from ._utils import autocast_cast, autocast_dtype, resolve_impl
 from .reference import ista_step_ref, mssa_attention_ref
 from .torch_ops import ista_step_torch, mssa_attention_torch
 
@@ -43,21 +43,24 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
 
 def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
               impl: str = "auto") -> torch.Tensor:
-    """relu(x + eta (x W - x W^T W) - eta lambda). x: (..., C), weight: (C, C) -> (..., C)."""
+    """relu(x + eta (x W - x W^T W) - eta lambda). x: (..., C), weight: (C, C) -> (..., C).
+
+    The output has x's dtype. Under torch.autocast the GEMM operands run in the autocast dtype while
+    the residual x and the output keep x's dtype (fp32), as autocast runs the official code."""
     c = x.shape[-1]
     if weight.shape != (c, c):
         raise ValueError(f"weight must be ({c}, {c}) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"x and weight must be floating point, got {x.dtype} and {weight.dtype}")
     impl = resolve_impl(impl, x)
     if impl == "reference":
         return ista_step_ref(x, weight, step_size, lambd)
-    (x,) = autocast_cast(x)      # the weight keeps its dtype: the C x C operator is formed in it
-    if not (x.is_floating_point() and weight.is_floating_point()):
-        raise TypeError(f"x and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    compute_dtype = autocast_dtype(x) or x.dtype
     if impl == "auto":
-        supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.numel() > 0
+        supported = compute_dtype in (torch.float32, torch.float16, torch.bfloat16) and x.numel() > 0
         impl = "triton" if supported else "torch"
     if impl == "torch":
-        return ista_step_torch(x, weight, float(step_size), float(lambd))
+        return ista_step_torch(x, weight, float(step_size), float(lambd), compute_dtype)
     from .ista import ista_step_triton
 
-    return ista_step_triton(x, weight, float(step_size), float(lambd))
+    return ista_step_triton(x, weight, float(step_size), float(lambd), compute_dtype)

@@ -43,14 +43,21 @@ def resolve_impl(impl: str, t: torch.Tensor) -> str:
     return impl
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for this tensor's device, or None."""
+    dev = t.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Apply the surrounding autocast to a custom op's inputs, as autocast does for F.linear.
 
     Custom autograd Functions and torch.library ops are not cast by autocast themselves; casting here,
     outside them, lets autograd cast the gradients back to the parameters' dtype.
     """
-    dev = tensors[0].device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
-    return tensors
+    dtype = autocast_dtype(tensors[0])
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)

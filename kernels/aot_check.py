@@ -34,6 +34,7 @@ class Job:
     num_warps: int
     num_stages: int
     label: str
+    ptr_dtypes: dict = field(default_factory=dict)   # pointer args whose dtype differs from `dtype`
 
 
 @dataclass
@@ -61,8 +62,8 @@ SPECS = {
     "mssa._mssa_bwd_kernel": dict(ptr=["W", "DO", "LSE", "DELTA", "DW"], fp32_ptr=["LSE", "DELTA"],
                                   floats=["qk_scale", "scale"],
                                   div16=["s_wb", "s_wh", "s_wn", "s_db", "s_dh", "s_dn", "s_gb", "s_gh", "s_gn"]),
-    "ista._ista_gemm_kernel": dict(ptr=["A", "GATE", "G", "B", "C", "E1", "E2"], fp32_ptr=[],
-                                   floats=["eta", "eta_lambd"], div16=["N", "K", "s_bk"]),
+    "ista._ista_fwd_kernel": dict(ptr=["A", "B", "X", "OUT"], fp32_ptr=[], floats=["eta", "eta_lambd"],
+                                  div16=["N", "K", "s_bk"]),
 }
 
 
@@ -95,15 +96,16 @@ def jobs(archs=(80, 90)) -> list[Job]:
                                            cfg.num_warps, cfg.num_stages, f"{head} {_fmt(cfg.kwargs)}"))
                 out.append(Job("mssa._mssa_bwd_delta_kernel", arch, dtype,
                                dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
-            for mask_a, epi in ista.VARIANTS:
-                admitted = ista.admitted(ista.GEMM_CONFIGS, dtype, mask_a, epi, arch)
+            # The residual/output is the GEMM dtype, or fp32 under autocast (16-bit GEMM, fp32 stream).
+            for resid in sorted({dtype, "fp32"}):
+                admitted = ista.admitted(ista.GEMM_CONFIGS, dtype, arch)
                 if not admitted:
-                    out.append(Job("ista._ista_gemm_kernel", arch, dtype, {}, 0, 0, f"epi={epi}: no config fits"))
+                    out.append(Job("ista._ista_fwd_kernel", arch, dtype, {}, 0, 0, "no config fits"))
                 for cfg in admitted:
-                    out.append(Job("ista._ista_gemm_kernel", arch, dtype,
-                                   {**cfg.kwargs, "MASK_A": mask_a, "EPILOGUE": epi, "INTERP_BF16": False,
-                                    "PRECISION": _precision(dtype)},
-                                   cfg.num_warps, cfg.num_stages, f"epi={epi} mask={int(mask_a)} {_fmt(cfg.kwargs)}"))
+                    out.append(Job("ista._ista_fwd_kernel", arch, dtype,
+                                   {**cfg.kwargs, "INTERP_BF16": False, "PRECISION": _precision(dtype)},
+                                   cfg.num_warps, cfg.num_stages, f"x:{resid} {_fmt(cfg.kwargs)}",
+                                   {"X": resid, "OUT": resid}))
     return out
 
 
@@ -138,7 +140,7 @@ def run_job(job: Job) -> Result:
             if p.is_constexpr:
                 sig[n] = "constexpr"
             elif n in spec["ptr"]:
-                sig[n] = "*fp32" if n in spec["fp32_ptr"] else f"*{job.dtype}"
+                sig[n] = "*fp32" if n in spec["fp32_ptr"] else f"*{job.ptr_dtypes.get(n, job.dtype)}"
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif n in spec["floats"]:
                 sig[n] = "fp32"

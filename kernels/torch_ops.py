@@ -16,13 +16,17 @@ import torch
 # (SDPA with q = k = v measured slower on CPU: 1.1x in fp32, 7x in bf16.)
 # ---------------------------------------------------------------------------------------------------
 class _TiedAttention(torch.autograd.Function):
+    # Runs with autocast off (its inputs arrive already cast): the softmax and dS are computed in fp32
+    # and only the GEMM operands are 16-bit, as autocast runs the reference (softmax is an fp32 op).
     @staticmethod
     def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
         B, H, N, D = w.shape
-        w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
-        s = torch.baddbmm(w3.new_empty(B * H, N, N), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
-        p = torch.softmax(s, dim=-1)                            # (BH, N, N)
-        o = torch.bmm(p, w3)                                    # (BH, N, D)
+        with torch.autocast(w.device.type, enabled=False):
+            w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
+            s = torch.baddbmm(w3.new_empty(B * H, N, N), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
+            acc = torch.promote_types(w.dtype, torch.float32)                 # fp32, or fp64 for fp64 input
+            p = torch.softmax(s, dim=-1, dtype=acc).to(w.dtype)               # (BH, N, N)
+            o = torch.bmm(p, w3)                                              # (BH, N, D)
         ctx.save_for_backward(w3, p, o)
         ctx.scale = scale
         return o.view(B, H, N, D)
@@ -30,17 +34,19 @@ class _TiedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         w3, p, o = ctx.saved_tensors
-        do3 = do.reshape(o.shape)
-        delta = (do3 * o).sum(-1, keepdim=True)                 # rowsum(dP * P) == rowsum(dO * O)
-        ds = torch.bmm(do3, w3.transpose(1, 2)).sub_(delta).mul_(p)   # dS, (BH, N, N)
-        dw = torch.bmm(p.transpose(1, 2), do3)                  # dV
-        # dQ + dK = scale (dS + dS^T) w. Measured on CPU: forming dS + dS^T first wins in fp32,
-        # two transposed-operand GEMMs win in bf16/fp16 (the N x N transpose-add is then the cost).
-        if ds.dtype == torch.float32 or ds.dtype == torch.float64:
-            dw = torch.baddbmm(dw, ds + ds.transpose(1, 2), w3, alpha=ctx.scale)
-        else:
-            dw = torch.baddbmm(dw, ds, w3, alpha=ctx.scale)
-            dw = torch.baddbmm(dw, ds.transpose(1, 2), w3, alpha=ctx.scale)
+        with torch.autocast(do.device.type, enabled=False):
+            acc = torch.promote_types(w3.dtype, torch.float32)
+            do3 = do.reshape(o.shape).to(w3.dtype)
+            delta = (do3.to(acc) * o.to(acc)).sum(-1, keepdim=True)           # rowsum(dP * P) == rowsum(dO * O)
+            ds = (torch.bmm(do3, w3.transpose(1, 2)).to(acc) - delta).mul_(p.to(acc)).to(w3.dtype)   # dS
+            dw = torch.bmm(p.transpose(1, 2), do3)                            # dV
+            # dQ + dK = scale (dS + dS^T) w. Measured on CPU: forming dS + dS^T first wins in fp32,
+            # two transposed-operand GEMMs win in bf16/fp16 (the N x N transpose-add is then the cost).
+            if ds.dtype in (torch.float32, torch.float64):
+                dw = torch.baddbmm(dw, ds + ds.transpose(1, 2), w3, alpha=ctx.scale)
+            else:
+                dw = torch.baddbmm(dw, ds, w3, alpha=ctx.scale)
+                dw = torch.baddbmm(dw, ds.transpose(1, 2), w3, alpha=ctx.scale)
         return dw.view(do.shape), None
 
 
@@ -54,48 +60,74 @@ def mssa_attention_torch(w: torch.Tensor, scale: float) -> torch.Tensor:
 # before the ReLU:  x W - x W^T W = x A  with the C x C operator  A = W - W^T W.  Forming A costs one
 # C x C x C product per step; then every token row needs ONE (M x C) x (C x C) GEMM instead of the
 # official three (or two for r = x - x W^T ; r W).  M = batch x tokens >> C, so this is the big saving.
-#   forward   A = W - W^T W                    (in the weight's dtype, fp32 under autocast)
-#             out = relu(x + eta x A - eta lambda)
-#   backward  g = dout * (out > 0)
-#             dx = g + eta g A^T               one GEMM
-#             P = x^T g ; dW = eta (P - W (P + P^T))   one GEMM + one C^3
+#   A = W - W^T W                         plain autograd ops, in the weight's dtype (fp32 masters)
+#   out = relu(x + eta x_c A_c - eta lam)  x_c, A_c: x and A in the compute dtype (bf16 under autocast)
+#   backward of the apply step, g = dout * (out > 0):
+#     dx = g (the residual) ; dx_c = eta g_c A_c^T ; dA_c = eta x_c^T g_c
+#   and autograd turns dA into dW = dA - W (dA + dA^T) through the two C x C products.
 # 1 + 2 token GEMMs against 3 + 6 for autograd of the official form; exact in real arithmetic
 # (float64 tests agree with the reference to ~1e-15).
+# Under autocast the residual x and the output keep x's dtype (fp32), exactly as autocast runs the
+# official code (its elementwise x + update is fp32): only the GEMM operands are 16-bit.
 # ---------------------------------------------------------------------------------------------------
 def ista_operator(weight: torch.Tensor) -> torch.Tensor:
     """A = W - W^T W, the linear part of the ISTA step in row form (x W - x W^T W = x A)."""
     return torch.addmm(weight, weight.t(), weight, alpha=-1.0)
 
 
-class _ISTAStep(torch.autograd.Function):
+def ista_apply_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, step_size: float,
+                       lambd: float) -> torch.Tensor:
+    """relu(x + eta xc a - eta lambda) for 2-D x (M, C); xc is x in a's dtype, or None if x already is."""
+    if xc is None:
+        out = torch.addmm(x, x, a, alpha=step_size)              # residual rides in the GEMM epilogue
+    else:
+        out = torch.add(x, torch.mm(xc, a), alpha=step_size)     # 16-bit GEMM, residual in x's dtype
+    return out.sub_(step_size * lambd).relu_()
+
+
+def ista_apply_backward(xg: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, step_size: float,
+                        separate: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients of ista_apply_forward w.r.t. (x, xc, a); xg is the GEMM operand (xc, or x).
+    out's sign is the ReLU mask."""
+    g = torch.where(out > 0, dout, 0)
+    gc = g.to(a.dtype)
+    da = torch.mm(xg.t(), gc).mul_(step_size)
+    if separate:
+        return g, torch.mm(gc, a.t()).mul_(step_size), da
+    return torch.addmm(g, gc, a.t(), alpha=step_size), None, da
+
+
+class _ISTAApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, step_size: float, lambd: float) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                               # (M, C)
-        a = ista_operator(weight).to(x.dtype)                       # (C, C)
-        out = torch.addmm(x2, x2, a, alpha=step_size)               # x + eta x A
-        out = out.sub_(step_size * lambd).relu_()
+    def forward(ctx, x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, step_size: float,
+                lambd: float) -> torch.Tensor:
+        out = ista_apply_forward(x, xc, a, step_size, lambd)
         # out is the next layer's input, kept alive anyway: saving it costs no memory, and its
         # sign is the ReLU mask, so no pre-activation copy is stored.
-        ctx.save_for_backward(x2, weight, a, out)
-        ctx.step_size = step_size
-        return out.view(shape)
+        ctx.save_for_backward(x if xc is None else xc, a, out)
+        ctx.step_size, ctx.separate = step_size, xc is not None
+        return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        x2, weight, a, out = ctx.saved_tensors
-        eta = ctx.step_size
-        g = torch.where(out > 0, dout.reshape(out.shape), 0)        # (M, C)
-        dx = torch.addmm(g, g, a.t(), alpha=eta)                    # g + eta g A^T
-        dw = None
-        if ctx.needs_input_grad[1]:
-            p = torch.mm(x2.t(), g).to(weight.dtype)                # x^T g, (C, C)
-            dw = torch.addmm(p, weight, p + p.t(), alpha=-1.0).mul_(eta)
-        return dx.view(dout.shape), dw, None, None
+        xg, a, out = ctx.saved_tensors
+        return (*ista_apply_backward(xg, a, out, dout, ctx.step_size, ctx.separate), None, None)
 
 
-def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1,
-                    lambd: float = 0.1) -> torch.Tensor:
-    """x: (..., C), weight: (C, C) -> (..., C). Same function as ista_step_ref; computes in x's dtype,
-    forms the C x C operator in the weight's dtype (fp32 master weights stay fp32 under autocast)."""
-    return _ISTAStep.apply(x, weight, step_size, lambd)
+def ista_step_composed(apply, x: torch.Tensor, weight: torch.Tensor, step_size: float, lambd: float,
+                       compute_dtype: torch.dtype) -> torch.Tensor:
+    """The ISTA step from its two parts: the C x C operator (autograd) and an apply implementation."""
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        a = ista_operator(weight).to(compute_dtype)
+        x2 = x.reshape(-1, shape[-1])
+        xc = None if compute_dtype == x.dtype else x2.to(compute_dtype)
+        out = apply(x2, xc, a, step_size, lambd)
+    return out.view(shape)
+
+
+def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x: (..., C), weight: (C, C) -> (..., C) in x's dtype; the same function as ista_step_ref.
+    GEMMs run in compute_dtype (default x's dtype); the operator is formed in the weight's dtype."""
+    return ista_step_composed(_ISTAApply.apply, x, weight, step_size, lambd, compute_dtype or x.dtype)

@@ -79,7 +79,7 @@ def test_every_admitted_config_is_correct():
     from crate_fast.kernels._triton import force_config
     n_cfg = max(len(mssa.FWD_CONFIGS), len(mssa.BWD_CONFIGS), len(ista.GEMM_CONFIGS))
     for i in range(n_cfg):
-        with force_config(i, mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel, ista._ista_gemm_kernel):
+        with force_config(i, mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel, ista._ista_fwd_kernel):
             for dtype in (torch.bfloat16, torch.float32):
                 for D in (48, 64):
                     w = torch.randn(3, 197, 2 * D, device="cuda").view(3, 197, 2, D).transpose(1, 2).to(dtype)

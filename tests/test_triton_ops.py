@@ -67,7 +67,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_opcheck_registrations():
-    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the four ops."""
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the three ops."""
     from crate_fast.kernels import ista, mssa  # noqa: F401  (registers the ops)
     w = torch.randn(1, 3, 17, 48, device=DEV, requires_grad=True)
     o, lse = torch.ops.crate_fast.mssa_fwd(w.detach(), 0.2)
@@ -75,10 +75,9 @@ def test_opcheck_registrations():
     torch.library.opcheck(torch.ops.crate_fast.mssa_bwd.default, (w.detach(), o, lse, torch.randn_like(o), 0.2))
     x = torch.randn(9, 48, device=DEV, requires_grad=True)
     W = torch.randn(48, 48, device=DEV, requires_grad=True)
-    out, a = torch.ops.crate_fast.ista_fwd(x.detach(), W.detach(), 0.1, 0.1)
-    torch.library.opcheck(torch.ops.crate_fast.ista_fwd.default, (x, W, 0.1, 0.1))
-    torch.library.opcheck(torch.ops.crate_fast.ista_bwd.default,
-                          (x.detach(), W.detach(), a, out, torch.randn_like(out), 0.1))
+    torch.library.opcheck(torch.ops.crate_fast.ista_apply.default, (x, None, W, 0.1, 0.1))
+    xb = x.detach().bfloat16().requires_grad_()                         # 16-bit GEMM, fp32 residual
+    torch.library.opcheck(torch.ops.crate_fast.ista_apply.default, (x, xb, W.detach().bfloat16(), 0.1, 0.1))
 
 
 def test_torch_compile_keeps_triton_ops_in_one_graph():
