@@ -51,15 +51,17 @@ def saved_activation_bytes(fn, params=()) -> int:
     """Bytes of the distinct tensors autograd saves for backward while running fn(), the storage of
     ``params`` excluded: the activation memory of a training step, on any device."""
     skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
+    seen, alive = {}, []
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in skip:
             seen[s.data_ptr()] = s.nbytes()
-        return t
+        alive.append(t)    # hold storages while counting, so no address is reused and counted twice
+        return None        # never t itself: a saved output packed as itself forms a cycle gc cannot free
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        out = fn()         # the graph is only measured, never run backward
     del out
+    alive.clear()
     return sum(seen.values())

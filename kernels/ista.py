@@ -116,24 +116,26 @@ def _ista_fwd_kernel(
 # ------------------------------------------------------------------------------------------------
 # Launcher
 # ------------------------------------------------------------------------------------------------
-def _ista_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
+def _ista_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta: float, lambd: float,
+                  traced: bool = False) -> torch.Tensor:
     xc = x if xc is None else xc
     M, K = xc.shape
     N = a.shape[1]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    launch(_ista_fwd_kernel)[grid](
+    launch(_ista_fwd_kernel, traced)[grid](
         xc, a, x, out, M, N, K, a.stride(0), a.stride(1), eta, eta * lambd,
         INTERP_BF16=interp_bf16(xc.dtype), PRECISION=dot_precision(xc.dtype))
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library op + autograd (the backward is plain torch ops, so torch.compile can fuse it)
+# torch.library op + autograd (the backward is plain torch ops, so torch.compile can fuse it), and the
+# eager twin
 # ------------------------------------------------------------------------------------------------
 @register_op("crate_fast::ista_apply")
 def ista_apply(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
-    return _ista_forward(x, xc, a, eta, lambd)
+    return _ista_forward(x, xc, a, eta, lambd, traced=True)
 
 
 @ista_apply.register_fake
@@ -155,6 +157,25 @@ def _backward(ctx, dout):
 ista_apply.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ISTAApplyTriton(torch.autograd.Function):
+    """The same forward/backward for eager mode, without the torch.library dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x, xc, a, eta, lambd):
+        out = _ista_forward(x, xc, a, eta, lambd)
+        ctx.save_for_backward(x if xc is None else xc, a, out)
+        ctx.eta, ctx.separate = eta, xc is not None
+        return out
+
+    backward = staticmethod(_backward)
+
+
+def _apply(x, xc, a, eta, lambd):
+    if torch.compiler.is_compiling():
+        return ista_apply(x, xc, a, eta, lambd)
+    return _ISTAApplyTriton.apply(x, xc, a, eta, lambd)
+
+
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
@@ -167,4 +188,4 @@ def ista_step_triton(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0
     if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"ista_step: the Triton kernel computes in fp32/fp16/bf16, not {compute_dtype}")
     x = x.contiguous()
-    return ista_step_composed(lambda *args: ista_apply(*args), x, weight, step_size, lambd, compute_dtype)
+    return ista_step_composed(_apply, x, weight, step_size, lambd, compute_dtype)

@@ -275,12 +275,12 @@ def _head_block(D: int) -> int:
     return next(b for b in HEAD_BLOCKS if b >= D)
 
 
-def _mssa_forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mssa_forward(w: torch.Tensor, scale: float, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = w.shape
     o = torch.empty_like(w)            # same strides as w: the model's (B, N, H, D) memory layout
     lse = torch.empty(B * H, N, device=w.device, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
-    launch(_mssa_fwd_kernel)[grid](
+    launch(_mssa_fwd_kernel, traced)[grid](
         w, o, lse, *w.stride()[:3], *o.stride()[:3], H, N, D, scale * LOG2E,
         BLOCK_D=_head_block(D), EVEN_D=_head_block(D) == D,
         INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
@@ -288,17 +288,17 @@ def _mssa_forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Te
 
 
 def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, traced: bool = False) -> torch.Tensor:
     B, H, N, D = w.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty_like(lse)
     block_d = _head_block(D)
-    launch(_mssa_bwd_delta_kernel)[(triton.cdiv(N, DELTA_BLOCK_M), B * H)](
+    launch(_mssa_bwd_delta_kernel, traced)[(triton.cdiv(N, DELTA_BLOCK_M), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N, D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dw = torch.empty_like(w)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_J"]), B * H)  # noqa: E731
-    launch(_mssa_bwd_kernel)[grid](
+    launch(_mssa_bwd_kernel, traced)[grid](
         w, do, lse, delta, dw, *w.stride()[:3], *do.stride()[:3], *dw.stride()[:3],
         H, N, D, scale * LOG2E, scale, BLOCK_D=block_d, EVEN_D=block_d == D, ONE_LOOP=w.dtype == torch.float32,
         INTERP_BF16=interp_bf16(w.dtype), PRECISION=dot_precision(w.dtype))
@@ -306,11 +306,11 @@ def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torc
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library ops + autograd (torch.compile keeps them in its graph)
+# torch.library ops + autograd (torch.compile keeps them in its graph), and the eager twin
 # ------------------------------------------------------------------------------------------------
 @register_op("crate_fast::mssa_fwd")
 def mssa_fwd(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mssa_forward(w, scale)
+    return _mssa_forward(w, scale, traced=True)
 
 
 @mssa_fwd.register_fake
@@ -322,7 +322,7 @@ def _(w, scale):
 @register_op("crate_fast::mssa_bwd")
 def mssa_bwd(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
              scale: float) -> torch.Tensor:
-    return _mssa_backward(w, o, lse, do, scale)
+    return _mssa_backward(w, o, lse, do, scale, traced=True)
 
 
 @mssa_bwd.register_fake
@@ -344,6 +344,22 @@ def _backward(ctx, do, _dlse):
 
 
 mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MSSATriton(torch.autograd.Function):
+    """The same forward/backward for eager mode, without the torch.library dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+        o, lse = _mssa_forward(w, scale)
+        ctx.save_for_backward(w, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        w, o, lse = ctx.saved_tensors
+        return _mssa_backward(w, o, lse, do, ctx.scale), None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,4 +392,6 @@ def mssa_attention_triton(w: torch.Tensor, scale: float | None = None) -> torch.
     if not (math.isfinite(scale) and scale > 0):
         # The kernels rely on scale > 0 (the diagonal score bounds every exponent); CRATE's is D^-1/2.
         raise ValueError(f"the Triton kernel needs a finite scale > 0, got {scale}")
-    return mssa_fwd(w, scale)[0]
+    if torch.compiler.is_compiling():
+        return mssa_fwd(w, scale)[0]
+    return _MSSATriton.apply(w, scale)

@@ -89,7 +89,7 @@ def ista_apply_backward(xg: torch.Tensor, a: torch.Tensor, out: torch.Tensor, do
                         separate: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradients of ista_apply_forward w.r.t. (x, xc, a); xg is the GEMM operand (xc, or x).
     out's sign is the ReLU mask."""
-    g = torch.where(out > 0, dout, 0)
+    g = torch.ops.aten.threshold_backward(dout, out, 0)          # dout * (out > 0), one vectorized pass
     gc = g.to(a.dtype)
     da = torch.mm(xg.t(), gc).mul_(step_size)
     if separate:

@@ -73,6 +73,13 @@ def test_model_impls_agree_on_gpu(name):
             assert_2x_rule(out_lp, plain, truth, what=f"{impl} bf16")
 
 
+def check(got, plain, truth, what):
+    if got.dtype == torch.float32:
+        assert_rel(got, truth, what=what)
+    else:
+        assert_2x_rule(got, plain, truth, what=what)
+
+
 def test_every_admitted_config_is_correct():
     """Autotuning may pick any admitted config: each one must compute the right thing (N = 197 tail)."""
     from crate_fast.kernels import ista, mssa
@@ -88,7 +95,7 @@ def test_every_admitted_config_is_correct():
                     truth = _run(mssa_attention_ref, w.double(), grad=g.double())
                     plain = _run(mssa_attention_ref, w, grad=g)
                     for a, p, t in zip(got, plain, truth):
-                        assert_2x_rule(a, p, t, what=f"mssa config {i} {dtype} D={D}")
+                        check(a, p, t, f"mssa config {i} {dtype} D={D}")
                 x = torch.randn(3 * 197, 200, device="cuda")
                 W = torch.randn(200, 200, device="cuda") * 0.05
                 gx = torch.randn_like(x)
@@ -96,4 +103,4 @@ def test_every_admitted_config_is_correct():
                 truth = _run(ista_step_ref, x.double(), W.double(), grad=gx.double())
                 plain = _run(ista_step_ref, x.to(dtype), W.to(dtype), grad=gx.to(dtype))
                 for a, p, t in zip(got, plain, truth):
-                    assert_2x_rule(a, p, t, what=f"ista config {i} {dtype}", atol=2e-2)
+                    check(a, p, t, f"ista config {i} {dtype}")
