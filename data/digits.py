@@ -1,0 +1,62 @@
+"""The embedded default data set: scikit-learn's bundled 8x8 handwritten digits (1,797 real images).
+
+No network needed. Images are upscaled to 32 x 32 RGB; a fixed seeded split keeps 360 images (20%)
+for validation. Written to .beton files on first use and reused afterwards.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+SIZE = 32
+NUM_CLASSES = 10
+VAL_FRACTION = 0.2
+SPLIT_SEED = 0
+VERSION = 1          # bump when the stored images change, so old caches are not reused
+
+
+def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'train': (images, labels), 'val': ...}; images (n, 32, 32, 3) uint8, labels (n,) int64."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    gray = (d.images * (255.0 / 16.0)).round().astype(np.uint8)                  # 0..16 -> 0..255
+    big = np.stack([np.asarray(Image.fromarray(g).resize((SIZE, SIZE), Image.BICUBIC)) for g in gray])
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    labels = d.target.astype(np.int64)
+    perm = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
+    n_val = int(round(len(labels) * VAL_FRACTION))
+    val, train = perm[:n_val], perm[n_val:]
+    return {"train": (rgb[train], labels[train]), "val": (rgb[val], labels[val])}
+
+
+class ArrayDataset:
+    """Indexed (image, label) pairs over in-memory arrays (for FFCV's writer and the fallback loader)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.transform is not None:
+            from PIL import Image
+
+            return self.transform(Image.fromarray(img)), int(self.labels[i])
+        return img, int(self.labels[i])
+
+
+def digits_betons(cache_dir: str) -> dict[str, str]:
+    """Paths of the digits train/val .beton files, written into cache_dir on first use."""
+    from .write_ffcv import write_beton
+
+    paths = {split: os.path.join(cache_dir, f"digits-v{VERSION}-{split}.beton") for split in ("train", "val")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        for split, (images, labels) in digits_arrays().items():
+            # Raw pixels: tiny images decode fastest uncompressed, and nothing is lost.
+            write_beton(ArrayDataset(images, labels), paths[split], max_resolution=None, compress_probability=0.0)
+    return paths

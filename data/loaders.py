@@ -1,0 +1,173 @@
+"""FFCV loaders for CRATE: decode + crop on CPU workers, uint8 to the device, normalize there.
+
+    train = train_loader("train.beton", batch_size=256, img_size=224, num_workers=12, device="cuda")
+    for images, labels in train:      # images: (B, 3, S, S) in `dtype`, channels_last, on `device`
+        ...
+
+Train: RandomResizedCrop decode (+ optional horizontal flip). Val: center crop of ratio 224/256.
+Under torchrun (distributed=True) every rank reads its own shard: a seeded permutation shared by the
+ranks, split rank::world. Validation shards cover each sample exactly once; training shards are cut
+to equal length (so DDP ranks take the same number of steps), dropping at most world - 1 samples an
+epoch, different ones each epoch.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+DEFAULT_CROP_RATIO = 224 / 256
+
+
+def _require_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:
+        raise ImportError("FFCV is not installed: run ./run.sh (as root it installs the Debian packages FFCV "
+                          "builds against) or pass --loader torchvision") from e
+
+
+def check_beton(path: str) -> None:
+    """A clear error for a missing, empty, truncated or foreign file, before FFCV reads it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist (write one with python -m crate_fast.data.write_ffcv)")
+    from ffcv.reader import Reader
+
+    size = os.path.getsize(path)
+    try:
+        reader = Reader(path)
+        n, table_at = int(reader.num_samples), int(reader.header["alloc_table_ptr"])
+        # The allocation table is written last: a truncated file lacks it, or its pages.
+        if len(reader.metadata) != n or table_at > size or len(reader.alloc_table) == 0:
+            raise ValueError("the file is truncated")
+        if int((reader.alloc_table["ptr"] + reader.alloc_table["size"]).max()) > table_at:
+            raise ValueError("the file is truncated")
+    except Exception as e:  # FFCV raises a zoo of errors on foreign bytes; turn them into one message
+        raise ValueError(f"{path!r} is not a readable FFCV .beton file ({type(e).__name__}: {e})") from e
+    if n == 0:
+        raise ValueError(f"{path!r} holds no samples")
+
+
+def _shards(shuffle: bool, seed: int, distributed: bool, equal: bool):
+    """A TraversalOrder for FFCV: a per-epoch seeded permutation shared by all ranks, split rank::world
+    (see the module docstring). FFCV takes an order *instance* and calls it with the loader."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class Shards(TraversalOrder):
+        def __init__(self, loader=None):      # FFCV constructs us first without, then with the loader
+            if loader is not None:
+                super().__init__(loader)
+
+        def __call__(self, loader):
+            return Shards(loader)
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            rank, world = _rank_world() if distributed else (0, 1)
+            idx = np.asarray(self.indices)
+            if shuffle:
+                idx = np.random.default_rng((seed, epoch)).permutation(idx)
+            if equal:
+                idx = idx[: len(idx) // world * world]
+            return idx[rank::world]
+
+    return Shards()
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class DeviceLoader:
+    """Iterates an FFCV loader, moving uint8 batches to the device and normalizing them there."""
+
+    def __init__(self, loader, device, dtype, mean, std, decoder=None):
+        self.loader, self.device, self.dtype, self.decoder = loader, torch.device(device), dtype, decoder
+        self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return len(self.loader.first_traversal_order)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use epoch `epoch`'s order (exact resume)."""
+        self.loader.next_epoch = epoch
+
+    def set_resolution(self, res: int) -> None:
+        """Training crop size from now on (progressive resizing)."""
+        if self.decoder is None:
+            raise RuntimeError("set_resolution is only available on training loaders")
+        self.decoder.output_size = (res, res)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            x = images.to(self.device, non_blocking=True).float()
+            x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device, non_blocking=True).long().view(-1)
+
+
+def _loader(path, batch_size, num_workers, pipelines, order, drop_last, os_cache, seed, recompile):
+    from ffcv.loader import Loader
+
+    _require_ffcv()
+    check_beton(path)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    # Sharding is ours (_shards), so FFCV itself runs undistributed.
+    return Loader(path, batch_size=batch_size, num_workers=max(1, num_workers), os_cache=os_cache,
+                  order=order, distributed=False, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                  recompile=recompile, batches_ahead=2)
+
+
+def train_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers: int | None = None,
+                 device: str | torch.device = "cpu", distributed: bool = False, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, flip: bool = True, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), os_cache: bool = True, drop_last: bool = True,
+                 progressive: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DeviceLoader:
+    """Training batches from a .beton: RandomResizedCrop(img_size, scale, ratio) decode, flip.
+
+    os_cache=True reads through the page cache (fast when the file fits in RAM); False streams with
+    FFCV's own cache. progressive=True allows set_resolution() between epochs (recompiles the pipeline).
+    """
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
+    image = [decoder] + ([RandomHorizontalFlip()] if flip else []) + [ToTensor(), ToTorchImage(channels_last=True)]
+    pipelines = {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+    order = _shards(shuffle=True, seed=seed, distributed=distributed, equal=True)
+    loader = _loader(path, batch_size, num_workers or os.cpu_count() or 1, pipelines, order, drop_last, os_cache,
+                     seed, recompile=progressive)
+    return DeviceLoader(loader, device, dtype, mean, std, decoder)
+
+
+def val_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers: int | None = None,
+               device: str | torch.device = "cpu", distributed: bool = False, seed: int = 0,
+               dtype: torch.dtype = torch.float32, crop_ratio: float = DEFAULT_CROP_RATIO, os_cache: bool = True,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DeviceLoader:
+    """Evaluation batches: center crop (ratio 224/256 of the short side) resized to img_size, every
+    sample exactly once across ranks."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+    image = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_ratio), ToTensor(),
+             ToTorchImage(channels_last=True)]
+    pipelines = {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+    order = _shards(shuffle=False, seed=seed, distributed=distributed, equal=False)
+    loader = _loader(path, batch_size, num_workers or os.cpu_count() or 1, pipelines, order, False, os_cache,
+                     seed, recompile=False)
+    return DeviceLoader(loader, device, dtype, mean, std)
+

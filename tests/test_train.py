@@ -1,0 +1,163 @@
+"""train.py: resume equality, atomic checkpoints, NaN guard, flags, Lion, 2-process DDP, the main job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from crate_fast.optim import Lion, lr_at  # noqa: E402
+
+FAST = ["--arch", "crate_tiny", "--data", "digits", "--workers", "1", "--log-every", "1000"]
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_lion_matches_lion_pytorch_step_for_step():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    torch.manual_seed(0)
+    a = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ours = Lion(a, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.5)
+    ref = lion_pytorch.Lion(b, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.5)
+    for step in range(20):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=f"step {step}")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, base_lr=1.0, total_steps=100, warmup_steps=10, min_lr=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    assert train.main(FAST + ["--epochs", "2", "--out", full]) == 0
+    assert train.main(FAST + ["--epochs", "2", "--out", split, "--stop-after", "1"]) == 0
+    assert len(rows(split)) == 1
+    assert train.main(FAST + ["--epochs", "2", "--out", split, "--resume", "auto"]) == 0
+    a, b = rows(full), rows(split)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "step"):
+            assert ra[k] == rb[k], (k, ra[k], rb[k])
+    cfg = json.load(open(os.path.join(full, "config.json")))
+    assert cfg["world_size"] == 1 and cfg["recipe"] == "digits" and cfg["img_size"] == 16
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(os.path.join(full, name), map_location="cpu", weights_only=False)
+        assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_atomic({"epoch": 1}, path)
+
+    def dying_save(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1, "the previous checkpoint must survive"
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_nonfinite_losses_stop_the_run_without_a_checkpoint(tmp_path, monkeypatch):
+    from crate_fast.model import CRATE
+    real_head = CRATE.forward_head
+    monkeypatch.setattr(CRATE, "forward_head", lambda self, t: real_head(self, t) * float("nan"))
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
+        train.main(FAST + ["--epochs", "1", "--out", out, "--max-nonfinite", "3"])
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--data", "/nonexistent/path"], "not a directory nor one of"),
+    (["--opt", "sgd"], "--opt must be lion or adamw"),
+    (["--precision", "fp8"], "--precision must be"),
+    (["--arch", "crate_huge"], "--arch must be one of"),
+    (["--batch-size", "63", "--accum-steps", "2"], "not divisible"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_flags_give_clear_errors(tmp_path, args, match, capsys):
+    with pytest.raises((SystemExit, FileNotFoundError)) as e:
+        train.main(FAST + ["--epochs", "1", "--out", str(tmp_path / "x")] + args)
+    assert match in str(e.value) + capsys.readouterr().err
+
+
+def test_finetune_from_an_official_checkpoint_with_a_new_head(tmp_path):
+    from official_crate import OfficialCRATE
+    torch.manual_seed(0)
+    off = OfficialCRATE(image_size=32, patch_size=4, num_classes=100, dim=384, depth=12, heads=6, dim_head=64)
+    path = str(tmp_path / "official.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in off.state_dict().items()}}, path)
+    out = str(tmp_path / "ft")
+    assert train.main(FAST + ["--epochs", "1", "--out", out, "--finetune", path]) == 0
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    assert ckpt["model"]["head.weight"].shape == (10, 384)          # new 10-class head
+    assert ckpt["model"]["pos_embed"].shape == (1, 17, 384)         # 8x8 grid interpolated to 4x4
+
+
+def _torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_two_process_gloo_run(tmp_path):
+    out = str(tmp_path / "ddp")
+    p = _torchrun(["--nproc_per_node=2", "train.py"] + FAST + ["--epochs", "1", "--out", out])
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+    (row,) = rows(out)
+    assert row["val_samples"] == 359                  # every validation image exactly once across 2 ranks
+    assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+
+
+def test_torchrun_restart_resumes_after_a_killed_worker(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    out = str(tmp_path / "restart")
+    p = _torchrun(["--nproc_per_node=1", "--max-restarts=1", "train.py"] + FAST +
+                  ["--epochs", "3", "--out", out, "--resume", "auto"], start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.exists(os.path.join(out, "metrics.jsonl")) and rows(out)):
+            assert time.time() < deadline and p.poll() is None, "first epoch never finished"
+            time.sleep(0.5)
+        workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())]
+        assert workers
+        os.kill(workers[0].pid, signal.SIGKILL)
+        log, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    assert rows(out)[-1]["epoch"] == 3
+
+
+def test_the_readme_main_job_reaches_97_percent(tmp_path):
+    """The README's main job (crate_tiny, digits recipe, 2 CPU cores) must reach >= 97% val top-1."""
+    out = str(tmp_path / "digits")
+    t0 = time.time()
+    assert train.main(["--arch", "crate_tiny", "--data", "digits", "--out", out]) == 0
+    best = max(r["val_top1"] for r in rows(out))
+    assert best >= 97.0, f"best val top-1 {best:.2f}% after {time.time() - t0:.0f}s"
