@@ -2,8 +2,8 @@
 # One command for a fresh GPU machine (torch and triton already installed): install this working tree,
 # run the GPU test suite, every benchmark, and train.py on synthetic data (crate_base, triton vs
 # reference), in under 10 minutes. Writes into OUT_DIR:
-#   gpu_info.txt, gpu_tests.log, bench.log, <device>_torch<v>_triton<v>.json (pytest-benchmark),
-#   train_synthetic_<impl>.jsonl (train.py's per-epoch metrics: img/s, MFU)
+#   gpu_info.txt, gpu_tests.log, <device>_torch<v>_triton<v>_{model,kernels}.json (pytest-benchmark),
+#   bench_*.log, train_synthetic_<impl>.jsonl (train.py's per-epoch metrics: img/s, MFU)
 #
 #   bash bench/run_gpu.sh OUT_DIR
 set -uo pipefail
@@ -23,13 +23,17 @@ echo "== GPU tests (the AOT resource check runs on CPU machines too)"
 $PY -m pytest tests -q -p no:cacheprovider -k "not aot" 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-echo "== benchmarks"
 tag=$($PY -c "import sys; sys.path.insert(0, 'bench'); from conftest import device_tag, versions; \
 v = versions(); print(f\"{device_tag()}_torch{v['torch']}_triton{v['triton']}\")")
-$PY -m pytest bench -q -p no:cacheprovider -k "not sdpa_math and not sdpa_efficient" \
-    --benchmark-json="$OUT_DIR/$tag.json" --benchmark-columns=median --benchmark-group-by=group 2>&1 \
-    | tee "$OUT_DIR/bench.log" | grep -E "passed|failed"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+bench() {   # bench NAME [pytest args]: one bench file -> OUT_DIR/<tag>_NAME.json
+    local name=$1; shift
+    echo "== bench_$name"
+    $PY -m pytest "bench/bench_$name.py" -q -p no:cacheprovider --benchmark-json="$OUT_DIR/${tag}_$name.json" \
+        --benchmark-columns=median --benchmark-group-by=group "$@" 2>&1 | tee "$OUT_DIR/bench_$name.log" \
+        | grep -E "passed|failed"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+}
+bench model
 
 echo "== train.py, synthetic data, crate_base bf16 batch 256"
 for impl in triton reference; do
@@ -40,4 +44,7 @@ for impl in triton reference; do
     tail -1 "$run/metrics.jsonl" 2>/dev/null
     rm -rf "$run"
 done
+
+bench kernels -k "not sdpa_math and not sdpa_efficient"
+if $PY -c "import ffcv" 2>/dev/null; then bench data; fi
 exit $status
