@@ -2,8 +2,8 @@
 # One command for a fresh GPU machine (torch and triton already installed): install this working tree,
 # run the GPU test suite, every benchmark, and train.py on synthetic data (crate_base, triton vs
 # reference), in under 10 minutes. Writes into OUT_DIR:
-#   gpu_info.txt, gpu_tests.log, <device>_torch<v>_triton<v>_{model,kernels}.json (pytest-benchmark),
-#   bench_*.log, train_synthetic_<impl>.jsonl (train.py's per-epoch metrics: img/s, MFU)
+#   gpu_info.txt, gpu_tests.log, bench.log, <device>_torch<v>_triton<v>_{model,kernels}.json
+#   (pytest-benchmark), train_synthetic_<impl>.jsonl (train.py's per-epoch metrics: img/s, MFU)
 #
 #   bash bench/run_gpu.sh OUT_DIR
 set -uo pipefail
@@ -29,7 +29,7 @@ bench() {   # bench NAME [pytest args]: one bench file -> OUT_DIR/<tag>_NAME.jso
     local name=$1; shift
     echo "== bench_$name"
     $PY -m pytest "bench/bench_$name.py" -q -p no:cacheprovider --benchmark-json="$OUT_DIR/${tag}_$name.json" \
-        --benchmark-columns=median --benchmark-group-by=group "$@" 2>&1 | tee "$OUT_DIR/bench_$name.log" \
+        --benchmark-columns=median --benchmark-group-by=group "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" \
         | grep -E "passed|failed"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }
@@ -37,9 +37,9 @@ bench model
 
 echo "== train.py, synthetic data, crate_base bf16 batch 256"
 for impl in triton reference; do
-    run="$OUT_DIR/train_$impl"
+    run=$(mktemp -d)
     $PY train.py --arch crate_base --data synthetic --impl "$impl" --epochs 2 --synthetic-steps 25 \
-        --batch-size 256 --out "$run" --log-every 1000 > "$run.log" 2>&1 || status=1
+        --batch-size 256 --out "$run" --log-every 1000 >> "$OUT_DIR/bench.log" 2>&1 || status=1
     cp "$run/metrics.jsonl" "$OUT_DIR/train_synthetic_$impl.jsonl" 2>/dev/null
     tail -1 "$run/metrics.jsonl" 2>/dev/null
     rm -rf "$run"
