@@ -80,6 +80,7 @@ def _ista_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    eta, eta_lambd = tl.cast(eta, tl.float32), tl.cast(eta_lambd, tl.float32)   # fp64 under torch.compile
     # Grouped program order: GROUP_M row blocks share each B column panel while it is in L2.
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)

@@ -134,6 +134,7 @@ def _mssa_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)     # torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -234,6 +235,7 @@ def _mssa_bwd_kernel(
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ONE_LOOP: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)   # fp64 under torch.compile
     pid_j = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H

@@ -10,7 +10,7 @@ import torch
 
 # ---------------------------------------------------------------------------------------------------
 # MSSA: tied q = k = v attention.  O = softmax(scale * w w^T) w
-# Backward with P = softmax rows, delta = rowsum(dO * O):
+# Backward with P = softmax rows, delta = rowsum(dP * P) (= rowsum(dO * O)):
 #   dP = dO w^T ; dS = P * (dP - delta) ; dw = P^T dO + scale * (dS + dS^T) w
 # Autograd of the reference needs 4 batched GEMMs; this needs 3 in fp32 and fewer N x N passes.
 # (SDPA with q = k = v measured slower on CPU: 1.1x in fp32, 7x in bf16.)
@@ -27,18 +27,21 @@ class _TiedAttention(torch.autograd.Function):
             acc = torch.promote_types(w.dtype, torch.float32)                 # fp32, or fp64 for fp64 input
             p = torch.softmax(s, dim=-1, dtype=acc).to(w.dtype)               # (BH, N, N)
             o = torch.bmm(p, w3)                                              # (BH, N, D)
-        ctx.save_for_backward(w3, p, o)
+        ctx.save_for_backward(w3, p)
         ctx.scale = scale
         return o.view(B, H, N, D)
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        w3, p, o = ctx.saved_tensors
+        w3, p = ctx.saved_tensors
         with torch.autocast(do.device.type, enabled=False):
             acc = torch.promote_types(w3.dtype, torch.float32)
-            do3 = do.reshape(o.shape).to(w3.dtype)
-            delta = (do3.to(acc) * o.to(acc)).sum(-1, keepdim=True)           # rowsum(dP * P) == rowsum(dO * O)
-            ds = (torch.bmm(do3, w3.transpose(1, 2)).to(acc) - delta).mul_(p.to(acc)).to(w3.dtype)   # dS
+            do3 = do.reshape(w3.shape).to(w3.dtype)
+            dp, p32 = torch.bmm(do3, w3.transpose(1, 2)).to(acc), p.to(acc)   # dP = dO w^T
+            # delta = rowsum(dP * P) from the very tiles dS uses (not from the rounded O): the diagonal
+            # of tied attention cancels in dP - delta, and only a consistent delta keeps that exact.
+            delta = (dp * p32).sum(-1, keepdim=True)
+            ds = dp.sub_(delta).mul_(p32).to(w3.dtype)                        # dS
             dw = torch.bmm(p.transpose(1, 2), do3)                            # dV
             # dQ + dK = scale (dS + dS^T) w. Measured on CPU: forming dS + dS^T first wins in fp32,
             # two transposed-operand GEMMs win in bf16/fp16 (the N x N transpose-add is then the cost).
