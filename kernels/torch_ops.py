@@ -10,22 +10,22 @@ import torch
 
 # ---------------------------------------------------------------------------------------------------
 # MSSA: tied q = k = v attention.  O = softmax(scale * w w^T) w
-# Backward with P = softmax rows, delta = rowsum(dP * P) (= rowsum(dO * O)):
-#   dP = dO w^T ; dS = P * (dP - delta) ; dw = P^T dO + scale * (dS + dS^T) w
+# Backward with P = softmax rows:
+#   dP = dO w^T ; dS = P * (dP - rowsum(dP * P)) ; dw = P^T dO + scale * (dS + dS^T) w
 # Autograd of the reference needs 4 batched GEMMs; this needs 3 in fp32 and fewer N x N passes.
 # (SDPA with q = k = v measured slower on CPU: 1.1x in fp32, 7x in bf16.)
 # ---------------------------------------------------------------------------------------------------
 class _TiedAttention(torch.autograd.Function):
-    # Runs with autocast off (its inputs arrive already cast): the softmax and dS are computed in fp32
-    # and only the GEMM operands are 16-bit, as autocast runs the reference (softmax is an fp32 op).
+    # Runs with autocast off (its inputs arrive already cast). softmax and its backward are the fused
+    # ATen kernels, which accumulate in fp32 for 16-bit inputs; dS = P * (dP - rowsum(dP * P)) is then
+    # formed from the very tiles it subtracts (the diagonal of tied attention cancels there).
     @staticmethod
     def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
         B, H, N, D = w.shape
         with torch.autocast(w.device.type, enabled=False):
             w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
             s = torch.baddbmm(w3.new_empty(B * H, N, N), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
-            acc = torch.promote_types(w.dtype, torch.float32)                 # fp32, or fp64 for fp64 input
-            p = torch.softmax(s, dim=-1, dtype=acc).to(w.dtype)               # (BH, N, N)
+            p = torch.softmax(s, dim=-1)                                      # (BH, N, N)
             o = torch.bmm(p, w3)                                              # (BH, N, D)
         ctx.save_for_backward(w3, p)
         ctx.scale = scale
@@ -35,13 +35,9 @@ class _TiedAttention(torch.autograd.Function):
     def backward(ctx, do: torch.Tensor):
         w3, p = ctx.saved_tensors
         with torch.autocast(do.device.type, enabled=False):
-            acc = torch.promote_types(w3.dtype, torch.float32)
             do3 = do.reshape(w3.shape).to(w3.dtype)
-            dp, p32 = torch.bmm(do3, w3.transpose(1, 2)).to(acc), p.to(acc)   # dP = dO w^T
-            # delta = rowsum(dP * P) from the very tiles dS uses (not from the rounded O): the diagonal
-            # of tied attention cancels in dP - delta, and only a consistent delta keeps that exact.
-            delta = (dp * p32).sum(-1, keepdim=True)
-            ds = dp.sub_(delta).mul_(p32).to(w3.dtype)                        # dS
+            dp = torch.bmm(do3, w3.transpose(1, 2))                           # dP = dO w^T
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)    # dS = P (dP - rowsum(dP P))
             dw = torch.bmm(p.transpose(1, 2), do3)                            # dV
             # dQ + dK = scale (dS + dS^T) w. Measured on CPU: forming dS + dS^T first wins in fp32,
             # two transposed-operand GEMMs win in bf16/fp16 (the N x N transpose-add is then the cost).

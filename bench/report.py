@@ -1,0 +1,158 @@
+"""Turn bench/results/*.json into the README's tables.
+
+    python bench/report.py                 # print the tables
+    python bench/report.py --readme README.md   # replace the block between the bench markers
+
+GPU files give absolute numbers (img/s, ms, TFLOP/s, MFU, memory); CPU files give ratios only.
+Every table names its device and the torch and Triton versions it was measured with.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def load(results_dir: str) -> list[dict]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        info = data.get("machine_info", {})
+        runs.append({"path": path, "device": info.get("device", "?"), "torch": info.get("torch", "?"),
+                     "triton": info.get("triton", "?"), "gpu": info.get("device", "cpu") != "cpu",
+                     "benchmarks": data.get("benchmarks", [])})
+    return runs
+
+
+def _params(bench: dict) -> dict:
+    return {**bench.get("params", {}), **bench.get("extra_info", {})}
+
+
+def _head(run: dict) -> str:
+    return f"{run['device']}, torch {run['torch']}, Triton {run['triton']} (`{os.path.basename(run['path'])}`)"
+
+
+def model_tables(run: dict) -> list[str]:
+    rows = defaultdict(dict)
+    for b in run["benchmarks"]:
+        if not b["name"].startswith(("test_train_step", "test_inference")):
+            continue
+        p = _params(b)
+        mode = "train" if b["name"].startswith("test_train_step") else "infer"
+        rows[(p["arch"], mode)][p["impl"]] = p
+    if not rows:
+        return []
+    impls = ["reference", "torch", "triton", "compile", "timm"]
+    batch = next(iter(next(iter(rows.values())).values()))["batch"]
+    what = "img/s (speed-up over `impl=\"reference\"`), bf16 autocast" if run["gpu"] else \
+        "speed-up over `impl=\"reference\"`, fp32"
+    out = [f"**Model throughput** ({_head(run)}); batch {batch}, {what}", ""]
+    for mode in ("train", "infer"):
+        out += [f"| {mode} | " + " | ".join(impls) + " | best MFU | peak memory vs reference |",
+                "|---|" + "---|" * (len(impls) + 2)]
+        for (arch, m), by_impl in rows.items():
+            if m != mode:
+                continue
+            ref = by_impl.get("reference", {}).get("img_per_s")
+            cells = []
+            for impl in impls:
+                p = by_impl.get(impl)
+                if p is None:
+                    cells.append("")
+                elif run["gpu"]:
+                    cells.append(f"{p['img_per_s']:,.0f}" + (f" ({p['img_per_s'] / ref:.2f}x)" if ref and impl != "reference" else ""))
+                else:
+                    cells.append(f"{p['img_per_s'] / ref:.2f}x" if ref else "")
+            mfu = max((p.get("mfu") or 0 for p in by_impl.values()), default=0)
+            mem = ""
+            fast = by_impl.get("triton") or by_impl.get("torch")
+            if "peak_mem_mb" in by_impl.get("reference", {}) and fast and "peak_mem_mb" in fast:
+                mem = f"{fast['peak_mem_mb'] / by_impl['reference']['peak_mem_mb']:.2f}x ({fast['impl']})"
+            elif "activation_mb" in by_impl.get("reference", {}) and fast:
+                mem = f"{fast['activation_mb'] / by_impl['reference']['activation_mb']:.2f}x activations ({fast['impl']})"
+            out.append(f"| {arch} | " + " | ".join(cells) + f" | {100 * mfu:.1f}% | {mem} |" if run["gpu"] else
+                       f"| {arch} | " + " | ".join(cells) + f" | - | {mem} |")
+        out.append("")
+    return out
+
+
+def kernel_tables(run: dict) -> list[str]:
+    groups = defaultdict(dict)
+    for b in run["benchmarks"]:
+        m = re.match(r"test_(mssa|ista)\[(fwd_bwd|fwd|bwd)-([^-]+)-", b["name"])
+        if not m or m.group(2) != "fwd_bwd":
+            continue
+        p = _params(b)
+        shape = "x".join(map(str, p.get("shape", [])))
+        groups[(m.group(1), shape, p.get("dtype"))][m.group(3)] = (b["stats"]["median"], p.get("tflops"))
+    if not groups:
+        return []
+    providers = sorted({prov for g in groups.values() for prov in g},
+                       key=lambda s: ["triton", "torch", "compile", "reference"].index(s)
+                       if s in ("triton", "torch", "compile", "reference") else 10)
+    unit = "ms (TFLOP/s)" if run["gpu"] else "speed-up over reference"
+    out = [f"**Kernels, forward + backward** ({_head(run)}); {unit}", "",
+           "| op | shape | dtype | " + " | ".join(providers) + " |", "|---|---|---|" + "---|" * len(providers)]
+    for (op, shape, dtype), by in sorted(groups.items()):
+        ref = by.get("reference", (None,))[0]
+        cells = []
+        for prov in providers:
+            if prov not in by:
+                cells.append("")
+            elif run["gpu"]:
+                t, tf = by[prov]
+                cells.append(f"{t * 1e3:.3f} ({tf:.0f})")
+            else:
+                cells.append(f"{ref / by[prov][0]:.2f}x" if ref else "")
+        out.append(f"| {op} | {shape} | {dtype} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def data_tables(run: dict) -> list[str]:
+    rows = [(_params(b), b) for b in run["benchmarks"] if b["name"].startswith("test_loader")]
+    if not rows:
+        return []
+    out = [f"**Data loading** ({_head(run)}); images/s", "", "| loader | workers | img/s |", "|---|---|---|"]
+    for p, _ in rows:
+        out.append(f"| {p['loader']} | {p['workers']} | {p['img_per_s']:,.0f} |")
+    return out + [""]
+
+
+def render(results_dir: str) -> str:
+    runs = sorted(load(results_dir), key=lambda r: (not r["gpu"], r["path"]))
+    lines = []
+    for table in (model_tables, kernel_tables, data_tables):    # model numbers first: what training gets
+        for run in runs:
+            lines += table(run)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--readme", help="rewrite the block between the bench markers of this file")
+    args = ap.parse_args(argv)
+    text = render(args.results)
+    if not args.readme:
+        print(text)
+        return 0
+    with open(args.readme) as f:
+        readme = f.read()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{args.readme} has no {START} ... {END} block")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(args.readme, "w") as f:
+        f.write(f"{head}{START}\n{text}{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
