@@ -67,7 +67,8 @@ def model_tables(run: dict) -> list[str]:
                 if p is None:
                     cells.append("")
                 elif run["gpu"]:
-                    cells.append(f"{p['img_per_s']:,.0f}" + (f" ({p['img_per_s'] / ref:.2f}x)" if ref and impl != "reference" else ""))
+                    speedup = f" ({p['img_per_s'] / ref:.2f}x)" if ref and impl != "reference" else ""
+                    cells.append(f"{p['img_per_s']:,.0f}{speedup}")
                 else:
                     cells.append(f"{p['img_per_s'] / ref:.2f}x" if ref else "")
             mfu = max((p.get("mfu") or 0 for p in by_impl.values()), default=0)
@@ -76,9 +77,10 @@ def model_tables(run: dict) -> list[str]:
             if "peak_mem_mb" in by_impl.get("reference", {}) and fast and "peak_mem_mb" in fast:
                 mem = f"{fast['peak_mem_mb'] / by_impl['reference']['peak_mem_mb']:.2f}x ({fast['impl']})"
             elif "activation_mb" in by_impl.get("reference", {}) and fast:
-                mem = f"{fast['activation_mb'] / by_impl['reference']['activation_mb']:.2f}x activations ({fast['impl']})"
-            out.append(f"| {arch} | " + " | ".join(cells) + f" | {100 * mfu:.1f}% | {mem} |" if run["gpu"] else
-                       f"| {arch} | " + " | ".join(cells) + f" | - | {mem} |")
+                ratio = fast["activation_mb"] / by_impl["reference"]["activation_mb"]
+                mem = f"{ratio:.2f}x activations ({fast['impl']})"
+            mfu_cell = f"{100 * mfu:.1f}%" if run["gpu"] else "-"
+            out.append(f"| {arch} | " + " | ".join(cells) + f" | {mfu_cell} | {mem} |")
         out.append("")
     return out
 
