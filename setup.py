@@ -13,9 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["crate_fast", "crate_fast.kernels", "crate_fast.data"],
+    packages=["crate_fast", "crate_fast.analysis", "crate_fast.kernels", "crate_fast.data"],
     package_dir={
         "crate_fast": "crate_fast",
+        "crate_fast.analysis": "crate_fast/analysis",
         "crate_fast.kernels": "kernels",
         "crate_fast.data": "data",
     },

@@ -1,0 +1,89 @@
+"""Per-layer white-box statistics of a CRATE model: coding rate (compression) and sparsity.
+
+For layer l, with z the layer's input tokens and w_k = LN1(z) U_k the head-k subspace coordinates:
+  R^c  = 1/2 sum_k logdet(I_n + p / (n eps) Y_k Y_k^T),  Y_k = w_k with every token unit-normalized
+         (the official vis_utils/coding_rate.py; eps = 0.01, n tokens including CLS, p = head dim);
+  R    = 1/2 logdet(I_n + d / (n eps) Z Z^T),  Z = LN1(z) tokens unit-normalized: the expansion term of
+         the rate-reduction objective (the official code never shipped it);
+  sparsity = fraction of exact zeros of the ISTA output (n x d per image); l0 = 1 - sparsity.
+Each is computed per image in fp32, then averaged over the batch (mean and std). logdet(I + c Y Y^T)
+is evaluated on the smaller Gram matrix (Sylvester's identity), via Cholesky.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..model import CRATE
+
+EPS = 0.01
+
+
+def _logdet_identity_plus(y: torch.Tensor, c: float) -> torch.Tensor:
+    """logdet(I + c y y^T) for y (..., n, p), on the smaller of the n x n / p x p Gram matrices."""
+    n, p = y.shape[-2:]
+    gram = y.transpose(-1, -2) @ y if p < n else y @ y.transpose(-1, -2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(eye + c * gram)
+    return 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+
+def coding_rate(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """R^c per image. w: (B, heads, n, p) subspace coordinates -> (B,)."""
+    y = w / w.norm(dim=-1, keepdim=True)
+    n, p = y.shape[-2:]
+    return 0.5 * _logdet_identity_plus(y, p / (n * eps)).sum(-1)
+
+
+def expansion_rate(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """R per image. z: (B, n, d) tokens -> (B,)."""
+    y = z / z.norm(dim=-1, keepdim=True)
+    n, d = y.shape[-2:]
+    return 0.5 * _logdet_identity_plus(y, d / (n * eps))
+
+
+def zero_fraction(x: torch.Tensor) -> torch.Tensor:
+    """Fraction of exact zeros per image. x: (B, n, d) -> (B,)."""
+    return (x == 0).flatten(1).float().mean(1)
+
+
+def _float_model(model: CRATE) -> CRATE:
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).float()
+
+
+@torch.no_grad()
+def layer_stats(model: CRATE, images: torch.Tensor, eps: float = EPS) -> list[dict]:
+    """One dict per layer: coding_rate, coding_rate_std, expansion_rate, expansion_rate_std,
+    sparsity, sparsity_std, l0, l0_std (means and stds over the batch), computed in fp32.
+
+    The layers run exactly as CRATEBlock.forward does, step by step: no hooks are registered, so
+    nothing lingers on the model after the call."""
+    model = _float_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            x = model.embed(images.to(device, torch.float32))
+            out = []
+            for blk in model.blocks:
+                zn = blk.norm1(x)
+                rc = coding_rate(blk.attn.project(zn), eps)
+                r = expansion_rate(zn, eps)
+                x = blk.ista(blk.norm2(x + blk.attn(zn)))
+                zf = zero_fraction(x)
+                out.append({name: float(v) for name, v in [
+                    ("coding_rate", rc.mean()), ("coding_rate_std", _std(rc)),
+                    ("expansion_rate", r.mean()), ("expansion_rate_std", _std(r)),
+                    ("sparsity", zf.mean()), ("sparsity_std", _std(zf)),
+                    ("l0", (1 - zf).mean()), ("l0_std", _std(1 - zf))]})
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _std(v: torch.Tensor) -> torch.Tensor:
+    return v.std() if v.numel() > 1 else torch.zeros(())

@@ -1,0 +1,211 @@
+"""Pictures and numbers of what a CRATE model does, layer by layer.
+
+    python -m crate_fast.analyze --ckpt RUN_DIR/best.pt --out DIR [--images a.jpg b.png ...]
+    python -m crate_fast.analyze --ckpt CRATE_small.pth --arch crate_small --out DIR      # official weights
+
+Writes into DIR: stats.json (per-layer coding rate R^c, expansion R, sparsity, means and stds),
+coding_rate.png and sparsity.png (curves over depth with error bars), attention_<i>.png (the CLS
+token's attention of every head over image i, last layer), masks_<i>.png (DINO-style masks keeping
+a fraction tau of each head's attention) and pca.png (first 3 principal components of the patch
+features as RGB). Without --images it uses scikit-image's bundled photographs; ``--images digits``
+takes images of the embedded digits validation set (what the README's main job trains on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import create_model, load_official_state_dict
+from .analysis import attention_maps, layer_stats, patch_features, pca_rgb, threshold_masks
+
+PHOTOS = ["astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "hubble_deep_field"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_model(path: str, arch: str | None, img_size: int, patch_size: int):
+    """A crate-fast checkpoint (train.py's last.pt / best.pt) or an official one (needs --arch)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--ckpt {path!r} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj \
+        and any(k.startswith("blocks.") for k in obj["model"])
+    if ours:
+        cfg = obj["config"]
+        sd = obj["model"]
+        model = create_model(arch or cfg["arch"], num_classes=sd["head.weight"].shape[0], img_size=cfg["img_size"],
+                             patch_size=cfg["patch_size"], pool=cfg.get("pool", "cls"))
+        model.load_state_dict(sd)
+        return model, cfg.get("data")
+    if arch is None:
+        raise ValueError("an official checkpoint needs --arch (e.g. crate_small) and, if not 224/16, "
+                         "--img-size/--patch-size")
+    from .checkpoint import unwrap_state_dict
+
+    sd = unwrap_state_dict(obj)
+    model = create_model(arch, num_classes=sd["mlp_head.1.weight"].shape[0], img_size=img_size, patch_size=patch_size)
+    load_official_state_dict(model, sd)
+    return model, None
+
+
+def load_images(spec: list[str] | None, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(normalized batch (B, 3, size, size), uint8 pictures (B, size, size, 3) for display)."""
+    from PIL import Image
+
+    if spec == ["digits"]:
+        from .data.digits import digits_arrays
+
+        arrays = digits_arrays()["val"][0][:6]
+        pics = [Image.fromarray(a) for a in arrays]
+    elif spec:
+        pics = []
+        for path in spec:
+            try:
+                pics.append(Image.open(path).convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {path!r}: {e}") from e
+    else:
+        from skimage import data as skd
+
+        pics = [Image.fromarray(getattr(skd, name)()).convert("RGB") for name in PHOTOS]
+    arr = np.stack([np.asarray(p.resize((size, size), Image.BICUBIC)) for p in pics])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, arr
+
+
+def _plot_curve(stats: list[dict], key: str, ylabel: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(1, len(stats) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    ax.errorbar(layers, [s[key] for s in stats], yerr=[s[key + "_std"] for s in stats], marker="o", capsize=3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(layers)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_heads(picture: np.ndarray, maps: np.ndarray, path: str, title: str, cmap: str = "inferno") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = maps.shape[0]
+    cols = min(heads + 1, 7)
+    rows = int(np.ceil((heads + 1) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.9 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(picture)
+    axes.flat[0].set_title("input", fontsize=8)
+    for h in range(heads):
+        ax = axes.flat[h + 1]
+        ax.imshow(picture)
+        ax.imshow(maps[h], cmap=cmap, alpha=0.6, extent=(0, picture.shape[1], picture.shape[0], 0),
+                  interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_pca(pictures: np.ndarray, rgb: np.ndarray, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(pictures)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4), dpi=110, squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(pictures[i])
+        axes[1, i].imshow(rgb[i], interpolation="nearest")
+        axes[0, i].axis("off")
+        axes[1, i].axis("off")
+    fig.suptitle("patch features, first 3 principal components as RGB", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, layer: int = -1, tau: float = 0.6,
+            device: str = "cpu", progress: bool = True) -> dict:
+    """Compute everything and write every file into `out`. Returns the stats.json content."""
+    from tqdm import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    model = model.to(device).eval()
+    steps = tqdm(total=4 + len(images), desc="analyzing", disable=not progress)
+    stats = layer_stats(model, images)
+    steps.update(1)
+    _plot_curve(stats, "coding_rate", "coding rate $R^c$", os.path.join(out, "coding_rate.png"),
+                "compression: $R^c$ of each layer's input")
+    _plot_curve(stats, "l0", "normalized $\\ell_0$ (1 - sparsity)", os.path.join(out, "sparsity.png"),
+                "sparsification: ISTA output $\\ell_0$")
+    steps.update(1)
+    maps = attention_maps(model, images, layer)                                   # (B, H, h, w)
+    masks = threshold_masks(maps, tau)
+    steps.update(1)
+    for i in range(len(images)):
+        _plot_heads(pictures[i], maps[i].cpu().numpy(), os.path.join(out, f"attention_{i}.png"),
+                    f"CLS attention per head, layer {layer % len(model.blocks) + 1}")
+        _plot_heads(pictures[i], masks[i].float().cpu().numpy(), os.path.join(out, f"masks_{i}.png"),
+                    f"masks holding {tau:.0%} of each head's attention", cmap="viridis")
+        steps.update(1)
+    _plot_pca(pictures, pca_rgb(patch_features(model, images, layer)).cpu().numpy(), os.path.join(out, "pca.png"))
+    steps.update(1)
+    steps.close()
+    result = {"layers": stats, "num_images": len(images), "image_size": int(images.shape[-1]),
+              "attention_layer": layer % len(model.blocks), "tau": tau, "config": model.config.to_dict()}
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m crate_fast.analyze", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="train.py checkpoint (best.pt / last.pt) or an official one")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--images", nargs="+", help="image files; 'digits' for the embedded data set")
+    ap.add_argument("--arch", help="preset of an official checkpoint (crate_tiny/small/base/large)")
+    ap.add_argument("--img-size", type=int, default=224, help="official checkpoints: training image size")
+    ap.add_argument("--patch-size", type=int, default=16, help="official checkpoints: patch size")
+    ap.add_argument("--size", type=int, help="analysis image size (default: the model's)")
+    ap.add_argument("--layer", type=int, default=-1, help="layer for attention maps and PCA (0-based)")
+    ap.add_argument("--tau", type=float, default=0.6, help="attention mass kept by the masks")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    try:
+        model, data = load_model(args.ckpt, args.arch, args.img_size, args.patch_size)
+        size = args.size or model.config.img_size[0]
+        if size % model.config.patch_size[0]:
+            raise ValueError(f"--size {size} is not divisible by the patch size {model.config.patch_size[0]}")
+        images, pictures = load_images(args.images, size)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if data == "digits" and args.images is None:
+        print("note: this model was trained on digits; pass --images digits for in-distribution pictures")
+    result = analyze(model, images, pictures, args.out, layer=args.layer, tau=args.tau, device=args.device)
+    rc = [round(s["coding_rate"], 1) for s in result["layers"]]
+    sp = [round(s["sparsity"], 3) for s in result["layers"]]
+    print(f"wrote {args.out}: coding rate per layer {rc}; sparsity per layer {sp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
