@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ class TrainConfig:
     synthetic_steps: int = 50
     max_nonfinite: int = 5                   # consecutive non-finite losses tolerated (skipped) before stopping
     log_every: int = 10
-    dist_url: str = field(default="env://", metadata={"help": "torch.distributed init method"})
+    dist_url: str = "env://"                 # torch.distributed init method
 
 
 # ---------------------------------------------------------------------------------------------------

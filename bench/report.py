@@ -58,9 +58,9 @@ def model_tables(run: dict) -> list[str]:
         out += [f"| {mode} | " + " | ".join(impls) + " | best MFU | peak memory vs reference |",
                 "|---|" + "---|" * (len(impls) + 2)]
         for (arch, m), by_impl in rows.items():
-            if m != mode:
-                continue
             ref = by_impl.get("reference", {}).get("img_per_s")
+            if m != mode or (not run["gpu"] and ref is None):       # CPU tables are ratios to the reference
+                continue
             cells = []
             for impl in impls:
                 p = by_impl.get(impl)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Union
 
-IMPLS = ("auto", "reference", "torch", "triton")
+from crate_fast.kernels._utils import IMPLS
+
 POOLS = ("cls", "mean")
 
 Size = Union[int, tuple[int, int]]

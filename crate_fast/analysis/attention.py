@@ -8,27 +8,34 @@ from .stats import _float_model
 
 
 @torch.no_grad()
-def attention_maps(model: CRATE, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """The CLS row of each head's softmax(w w^T * scale) at `layer`, on the patch grid.
-
-    images: (B, C, H, W), any size divisible by the patch (position embeddings are interpolated).
-    Returns (B, heads, H / patch, W / patch), fp32; each map sums to 1 - (CLS self-attention)."""
+def _layer_input(model: CRATE, images: torch.Tensor, layer: int):
+    """(block `layer`, LN1 of its input tokens, patch grid), in fp32, with the model's mode restored."""
     model = _float_model(model)
-    blocks = model.blocks
-    layer = layer % len(blocks)
+    layer = layer % len(model.blocks)
     device = next(model.parameters()).device
     images = images.to(device, torch.float32)
-    gh, gw = model.patch_embed.grid(images)
+    grid = model.patch_embed.grid(images)
     was_training = model.training
     model.eval()
     try:
         with torch.autocast(device.type, enabled=False):
             x = model.embed(images)
-            for blk in blocks[:layer]:
+            for blk in model.blocks[:layer]:
                 x = blk(x)
-            probs = blocks[layer].attn.attention_probs(blocks[layer].norm1(x))       # (B, H, N, N)
+            blk = model.blocks[layer]
+            return blk, blk.norm1(x), grid
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def attention_maps(model: CRATE, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """The CLS row of each head's softmax(w w^T * scale) at `layer`, on the patch grid.
+
+    images: (B, C, H, W), any size divisible by the patch (position embeddings are interpolated).
+    Returns (B, heads, H / patch, W / patch), fp32; each map sums to 1 - (CLS self-attention)."""
+    blk, xn, (gh, gw) = _layer_input(model, images, layer)
+    probs = blk.attn.attention_probs(xn)                                       # (B, H, N, N)
     return probs[:, :, 0, 1:].reshape(images.shape[0], -1, gh, gw)
 
 
@@ -50,23 +57,8 @@ def threshold_masks(maps: torch.Tensor, tau: float = 0.6) -> torch.Tensor:
 def patch_features(model: CRATE, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """The q = k = v subspace features w = LN1(z) U of the patch tokens at `layer` (heads concatenated),
     the facet the CRATE authors' PCA uses. Returns (B, h, w, heads * dim_head)."""
-    model = _float_model(model)
-    layer = layer % len(model.blocks)
-    device = next(model.parameters()).device
-    images = images.to(device, torch.float32)
-    gh, gw = model.patch_embed.grid(images)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, enabled=False):
-            x = model.embed(images)
-            for blk in model.blocks[:layer]:
-                x = blk(x)
-            blk = model.blocks[layer]
-            feats = blk.attn.qkv(blk.norm1(x))[:, 1:]                              # drop CLS
-    finally:
-        model.train(was_training)
-    return feats.reshape(images.shape[0], gh, gw, -1)
+    blk, xn, (gh, gw) = _layer_input(model, images, layer)
+    return blk.attn.qkv(xn)[:, 1:].reshape(images.shape[0], gh, gw, -1)      # CLS dropped
 
 
 def pca_rgb(features: torch.Tensor) -> torch.Tensor:
