@@ -1,9 +1,10 @@
 """Data loading speed: FFCV vs the torchvision fallback on the same JPEG folder, same transforms
 (RandomResizedCrop 224 + flip, uint8 batches normalized to float), same worker count.
 
-The folder holds ImageNet-sized JPEGs (crops of scikit-image's photographs, 375-500 px). FFCV reads a
-.beton written from it twice: as full-size JPEGs (the same bytes to decode as torchvision) and with
-FFCV's recommended storage (max side 256, half raw pixels), which is what train.py writes.
+The folder holds ImageNet-sized JPEGs (crops of scikit-image's photographs, 375-500 px). FFCV reads
+.betons written from it three ways: full-size JPEGs (the same bytes to decode as torchvision), FFCV's
+ImageNet storage (max side 256, half raw pixels; what train.py writes) and all raw pixels at max side
+256 (`write_ffcv --compress-probability 0`: about 3x the disk/RAM, no JPEG decoding at all).
 """
 from __future__ import annotations
 
@@ -42,12 +43,13 @@ def betons(jpeg_folder, tmp_path_factory):
     from crate_fast.data.write_ffcv import write_image_folder
 
     out = tmp_path_factory.mktemp("betons")
-    full, recipe = str(out / "full.beton"), str(out / "recipe.beton")
-    write_image_folder(str(jpeg_folder), full, workers=WORKERS, max_resolution=None, compress_probability=1.0,
-                       progress=False)
-    write_image_folder(str(jpeg_folder), recipe, workers=WORKERS, max_resolution=256, compress_probability=0.5,
-                       progress=False)
-    return {"ffcv_full_jpeg": full, "ffcv_recipe": recipe}
+    storage = {"ffcv_full_jpeg": (None, 1.0), "ffcv_recipe": (256, 0.5), "ffcv_raw256": (256, 0.0)}
+    paths = {}
+    for kind, (max_res, jpeg_fraction) in storage.items():
+        paths[kind] = str(out / f"{kind}.beton")
+        write_image_folder(str(jpeg_folder), paths[kind], workers=WORKERS, max_resolution=max_res,
+                           compress_probability=jpeg_fraction, progress=False)
+    return paths
 
 
 def _loader(kind, jpeg_folder, betons):
@@ -63,7 +65,7 @@ def _loader(kind, jpeg_folder, betons):
     return train_loader(betons[kind], batch_size=BATCH, img_size=RES, num_workers=WORKERS, device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["torchvision", "ffcv_full_jpeg", "ffcv_recipe"])
+@pytest.mark.parametrize("kind", ["torchvision", "ffcv_full_jpeg", "ffcv_recipe", "ffcv_raw256"])
 def test_loader_train_epoch(benchmark, kind, jpeg_folder, betons):
     benchmark.group = f"data-train-{RES}px-{WORKERS}workers"
     loader = _loader(kind, jpeg_folder, betons)
@@ -74,5 +76,5 @@ def test_loader_train_epoch(benchmark, kind, jpeg_folder, betons):
             n += images.shape[0]
         assert n == len(loader) * BATCH
     epoch()                                   # FFCV compiles its pipeline; torchvision starts workers
-    seconds = run(benchmark, epoch, rounds=3, warmup=0)
+    seconds = run(benchmark, epoch, rounds=5, warmup=0)
     annotate(benchmark, seconds, images=len(loader) * BATCH, loader=kind, workers=WORKERS, res=RES)

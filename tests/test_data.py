@@ -185,3 +185,16 @@ def test_data_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="expected train.beton"):
         kind_of(str(tmp_path))
     assert kind_of("cifar10") == "cifar10" and kind_of("digits") == "digits"
+
+
+def test_torchvision_dataset_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    tvd = pytest.importorskip("torchvision.datasets")
+    from crate_fast.data import sources
+
+    def offline(root, train, download):
+        if download:
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(RuntimeError, match="could not be downloaded.*copy torchvision's cifar10 files"):
+        sources._torchvision_set("cifar10", str(tmp_path), train=True)

@@ -161,3 +161,19 @@ def test_the_readme_main_job_reaches_97_percent(tmp_path):
     assert train.main(["--arch", "crate_tiny", "--data", "digits", "--out", out]) == 0
     best = max(r["val_top1"] for r in rows(out))
     assert best >= 97.0, f"best val top-1 {best:.2f}% after {time.time() - t0:.0f}s"
+
+
+def test_randaugment_on_device_keeps_shape_dtype_and_changes_pixels():
+    pytest.importorskip("torchvision")
+    from crate_fast.data import IMAGENET_MEAN, IMAGENET_STD
+    torch.manual_seed(0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = torch.randint(0, 256, (6, 3, 32, 32)).float()
+    images = ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
+    out = train.randaugment_batch(images, IMAGENET_MEAN, IMAGENET_STD)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(out, images)
+    back = out * std + mean                                         # still valid pixels
+    assert back.min() > -1e-3 and back.max() < 255 + 1e-3
