@@ -33,21 +33,16 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 class ArrayDataset:
-    """Indexed (image, label) pairs over in-memory arrays (for FFCV's writer and the fallback loader)."""
+    """Indexed (HxWx3 uint8 array, label) pairs over in-memory arrays."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
-        img = self.images[i]
-        if self.transform is not None:
-            from PIL import Image
-
-            return self.transform(Image.fromarray(img)), int(self.labels[i])
-        return img, int(self.labels[i])
+        return self.images[i], int(self.labels[i])
 
 
 def digits_betons(cache_dir: str) -> dict[str, str]:

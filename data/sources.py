@@ -109,6 +109,34 @@ class _PILToArray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8), int(label)
 
 
+class _ArrayToPIL(torch.utils.data.Dataset):
+    """The other way round, for torchvision transforms: (uint8 array, label) -> (PIL image, label)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        arr, label = self.ds[i]
+        return Image.fromarray(arr), label
+
+
+def _folder_classes(data: str) -> list[str]:
+    """The class list of DATA/train and DATA/val, which must agree (labels are positions in it)."""
+    from .write_ffcv import class_names
+
+    train, val = (class_names(os.path.join(data, s)) for s in ("train", "val"))
+    if train != val:
+        diff = sorted(set(train) ^ set(val))
+        raise ValueError(f"{data}: train/ and val/ have different class folders ({', '.join(diff[:10])}); "
+                         "their labels would not match")
+    return train
+
+
 class _Transformed(torch.utils.data.Dataset):
     def __init__(self, ds, transform):
         self.ds, self.transform = ds, transform
@@ -134,6 +162,7 @@ def _betons(data: str, kind: str, cache_dir: str, data_root: str) -> tuple[dict,
     digest = hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:12]
     key = kind if kind in TORCHVISION_SETS else f"folder-{digest}"
     paths = {s: os.path.join(cache_dir, key, f"{s}.beton") for s in ("train", "val")}
+    n = TORCHVISION_SETS.get(kind) or len(_folder_classes(data))
     if not all(os.path.exists(p) for p in paths.values()):
         for split in ("train", "val"):
             if kind in TORCHVISION_SETS:
@@ -143,41 +172,22 @@ def _betons(data: str, kind: str, cache_dir: str, data_root: str) -> tuple[dict,
                 scan = write_image_folder(os.path.join(data, split), paths[split])
                 if scan.skipped:
                     print(f"[data] {split}: skipped {len(scan.skipped)} unreadable files, e.g. {scan.skipped[0]}")
-    n = TORCHVISION_SETS.get(kind) or beton_num_classes(paths["train"])
     return paths, n
 
 
 def _torchvision_datasets(data: str, kind: str, data_root: str):
     from .digits import ArrayDataset, digits_arrays
-    from .write_ffcv import scan_image_folder
+    from .write_ffcv import ImageFiles, scan_image_folder
 
     if kind == "digits":
         arrays = digits_arrays()
-        return ({s: ArrayDataset(*arrays[s], transform=lambda im: im) for s in ("train", "val")}, 10)
+        return {s: _ArrayToPIL(ArrayDataset(*arrays[s])) for s in ("train", "val")}, 10
     if kind in TORCHVISION_SETS:
         return {s: _torchvision_set(kind, data_root, s == "train") for s in ("train", "val")}, TORCHVISION_SETS[kind]
     if kind == "image_folder":
-        from .write_ffcv import load_rgb
-
-        out = {}
-        for s in ("train", "val"):
-            scan = scan_image_folder(os.path.join(data, s))
-            out[s] = [(p, y) for p, y in scan.samples]
-        classes = len(scan.classes)
-
-        class Files(torch.utils.data.Dataset):
-            def __init__(self, samples):
-                self.samples = samples
-
-            def __len__(self):
-                return len(self.samples)
-
-            def __getitem__(self, i):
-                from PIL import Image
-
-                path, y = self.samples[i]
-                return Image.fromarray(load_rgb(path)), y
-        return {s: Files(v) for s, v in out.items()}, classes
+        classes = _folder_classes(data)
+        sets = {s: _ArrayToPIL(ImageFiles(scan_image_folder(os.path.join(data, s)).samples)) for s in ("train", "val")}
+        return sets, len(classes)
     raise ValueError(f"--loader torchvision cannot read {kind} data; use --loader ffcv")
 
 

@@ -30,12 +30,18 @@ class Scan:
     skipped: list[tuple[str, str]] = field(default_factory=list)     # (path, reason)
 
 
-def _list_tree(src: str) -> Scan:
+def class_names(src: str) -> list[str]:
+    """The class folders of an ImageFolder tree, sorted: label i is the i-th name."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"image folder {src!r} does not exist or is not a directory")
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{src!r} has no class folders: expected SRC/<class>/<image files> (ImageFolder layout)")
+    return classes
+
+
+def _list_tree(src: str) -> Scan:
+    classes = class_names(src)
     scan = Scan(classes)
     for label, name in enumerate(classes):
         for root, _, files in os.walk(os.path.join(src, name)):
@@ -87,8 +93,8 @@ def scan_image_folder(src: str, workers: int = 1, progress: bool = True) -> Scan
     return scan
 
 
-class _Indexed:
-    """Indexed dataset for FFCV's writer: (image, label) of the checked samples."""
+class ImageFiles:
+    """Indexed (HxWx3 uint8 array, label) pairs decoded from (path, label) samples."""
 
     def __init__(self, samples):
         self.samples = samples
@@ -181,7 +187,7 @@ def write_image_folder(src: str, out: str, *, workers: int | None = None, progre
     """ImageFolder SRC -> OUT.beton (see the module docstring). Returns the scan, skipped files included."""
     workers = workers or os.cpu_count() or 1
     scan = scan_image_folder(src, workers, progress)
-    write_beton(_Indexed(scan.samples), out, workers=workers, **kwargs)
+    write_beton(ImageFiles(scan.samples), out, workers=workers, **kwargs)
     return scan
 
 

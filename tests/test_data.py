@@ -167,6 +167,18 @@ def test_torchvision_fallback_matches_ffcv_counts(image_folder):
     assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
 
 
+def test_train_and_val_class_folders_must_agree(tmp_path, image_folder):
+    from crate_fast.data import LoaderOptions, build_loaders
+    for split in ("train", "val"):
+        os.symlink(image_folder, tmp_path / split)
+    os.remove(tmp_path / "val")
+    os.makedirs(tmp_path / "val" / "astronaut")
+    opts = LoaderOptions(batch_size=2, img_size=16, num_workers=0, device=torch.device("cpu"))
+    for loader in ("ffcv", "torchvision"):
+        with pytest.raises(ValueError, match="different class folders.*chelsea, coffee"):
+            build_loaders(str(tmp_path), opts, loader=loader, cache_dir=str(tmp_path / "cache"))
+
+
 def test_digits_source_is_deterministic_and_real(tmp_path):
     from crate_fast.data.digits import digits_arrays, digits_betons
     a, b = digits_arrays(), digits_arrays()
