@@ -121,9 +121,18 @@ def data_tables(run: dict) -> list[str]:
     rows = [(_params(b), b) for b in run["benchmarks"] if b["name"].startswith("test_loader")]
     if not rows:
         return []
-    out = [f"**Data loading** ({_head(run)}); images/s", "", "| loader | workers | img/s |", "|---|---|---|"]
+    outputs = list(dict.fromkeys(p.get("output", "float") for p, _ in rows))
+    table = {}
     for p, _ in rows:
-        out.append(f"| {p['loader']} | {p['workers']} | {p['img_per_s']:,.0f} |")
+        table.setdefault((p["loader"], p["workers"]), {})[p.get("output", "float")] = p["img_per_s"]
+    base = table.get(next((k for k in table if k[0] == "torchvision"), None), {})
+    out = [f"**Data loading, RandomResizedCrop {rows[0][0]['res']} px + flip** ({_head(run)}); images/s "
+           "(x torchvision)", "", "| loader | workers | " + " | ".join(f"{o} batches" for o in outputs) + " |",
+           "|---|---|" + "---|" * len(outputs)]
+    for (loader, workers), by in table.items():
+        cells = [f"{by[o]:,.0f} ({by[o] / base[o]:.2f}x)" if o in by and o in base else f"{by.get(o, 0):,.0f}"
+                 for o in outputs]
+        out.append(f"| {loader} | {workers} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .loaders import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, _rank_world
+from .loaders import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, Normalize, _rank_world
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -46,9 +46,9 @@ class TorchvisionLoader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, drop_last=drop_last,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0)
-        self.device, self.dtype = torch.device(device), dtype
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.device = torch.device(device)
+        self.normalize = Normalize(device, dtype, mean, std)
+        self.mean, self.std = self.normalize.mean, self.normalize.std
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -62,9 +62,7 @@ class TorchvisionLoader:
 
     def __iter__(self):
         for images, labels in self.loader:
-            x = images.to(self.device, non_blocking=True).float()
-            x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=torch.channels_last)
-            yield x, labels.to(self.device, non_blocking=True).long()
+            yield self.normalize(images), labels.to(self.device, non_blocking=True).long()
 
 
 def train_transform(img_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):

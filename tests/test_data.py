@@ -68,6 +68,31 @@ def test_loaders_shapes_dtypes_labels_ranges(beton):
     assert all(b[0].shape == (4, 3, 24, 24) and b[0].dtype == torch.bfloat16 for b in batches)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_matches_float64(layout, dtype):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 3, 5, 7), generator=g, dtype=torch.uint8).contiguous(memory_format=layout)
+    x = L.Normalize("cpu", dtype, L.IMAGENET_MEAN, L.IMAGENET_STD)(pixels)
+    mean = torch.tensor(L.IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(L.IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    truth = (pixels.double() - mean) / std
+    assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+    # fp32: a few ulp; bf16: at most half an ulp of bf16 (2^-8 relative) on top of the fp32 result.
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    assert ((x.double() - truth).abs() <= tol * truth.abs().clamp_min(1)).all()
+
+
+def test_batches_are_fresh_memory(beton):
+    """FFCV reuses its output buffers every few batches; the batches we hand out must not alias them."""
+    out, _ = beton
+    val = val_loader(out, batch_size=2, img_size=16, num_workers=1)
+    kept = list(val)                                   # 11 batches, more than FFCV's buffer slots
+    again = [x.clone() for x, _ in val]
+    assert len(kept) == len(again) == 11
+    assert all(torch.equal(a[0], b) for a, b in zip(kept, again))
+
+
 def test_same_epoch_same_order_new_epoch_new_order(beton):
     out, _ = beton
     train = train_loader(out, batch_size=3, img_size=16, num_workers=1, seed=3)
