@@ -42,6 +42,10 @@ import crate_fast
 from crate_fast.flops import flops_per_image, peak_flops
 from crate_fast.optim import Lion, lr_at, param_groups
 
+# torch.compile modes; the two with CUDA graphs replay whole forward / backward graphs, removing the
+# per-kernel launch cost that dominates an eager CRATE step on a slow host.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Recipes (crate_reference.md §3). ImageNet follows the NeurIPS paper (Lion, lr 2.4e-4, wd 0.5,
 # batch 2048, 150 epochs, 5 warmup, crop + flip), not the README (2e-4/0.05/512/200) nor main.py's
 # defaults (AdamW 4e-4/0.1/256/90): the paper's numbers are the ones it reports.
@@ -92,6 +96,7 @@ class TrainConfig:
     grad_clip: float = 0.0                   # 0: off (the official main.py defines 1.0 but never applies it)
     precision: str | None = None             # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
     compile: bool = False
+    compile_mode: str = "default"            # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
     img_size: int | None = None
     patch_size: int | None = None
     pool: str = "cls"
@@ -170,6 +175,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (out.loader in ("ffcv", "torchvision"), f"--loader must be ffcv or torchvision, got {out.loader!r}"),
         (out.epochs > 0 and out.batch_size > 0 and out.lr > 0, "epochs, batch size and lr must be positive"),
         (out.accum_steps >= 1, "--accum-steps must be >= 1"),
+        (out.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {COMPILE_MODES}, got {out.compile_mode!r}"),
         (out.device in ("cpu", "cuda") or out.device.startswith("cuda:"), f"--device {out.device!r}"),
         (not out.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no GPU is visible"),
         (out.arch in crate_fast.list_models(), f"--arch must be one of {crate_fast.list_models()}"),
@@ -321,6 +327,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.net = self._wrap(self.model)
+        self.graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         self.epoch, self.step, self.best_top1, self.nonfinite_total = 0, 0, 0.0, 0
         self.flops = flops_per_image(self.model.config, training=True)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -332,7 +339,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
         if self.cfg.compile:
-            net = torch.compile(net)
+            net = torch.compile(net, mode=self.cfg.compile_mode)
         return net
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -400,6 +407,8 @@ class Trainer:
             last_micro = (micro + 1) % cfg.accum_steps == 0
             if cfg.randaugment:
                 images = randaugment_batch(images, train.mean.flatten().tolist(), train.std.flatten().tolist())
+            if self.graphed:        # a new step: CUDA-graph outputs of the previous one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             sync = last_micro or not hasattr(self.net, "no_sync")
             ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:

@@ -1,5 +1,8 @@
 """Kernel benchmarks: MSSA attention and the ISTA step, fwd / bwd / fwd_bwd, every provider side by side.
 
+On CUDA each provider is timed as replays of a CUDA graph of 10 calls (device time: an eager call of
+these small ops can cost more host time than GPU time); bench_model.py gives the eager, end-to-end view.
+
 TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, backward 2.5x (the
 FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward. A
 provider that does more arithmetic (the 3-matmul reference ISTA) therefore shows a lower rate.
@@ -9,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import CUDA, DEVICE, annotate, run
+from _common import CUDA, DEVICE, annotate, run_graphed
 from crate_fast.kernels import ista_step, mssa_attention
 from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref
 from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch
@@ -88,7 +91,7 @@ def _bench_mode(benchmark, f, inputs, mode, grad_out):
 
         def step():
             torch.autograd.grad(f(*inputs), leaves, grad_out)
-    return run(benchmark, step, calls=10 if CUDA else 1)
+    return run_graphed(benchmark, step)
 
 
 @pytest.mark.parametrize("shape", list(MSSA_SHAPES), ids=lambda s: f"{s}")

@@ -20,7 +20,9 @@ from crate_fast.flops import flops_per_image, peak_flops, vit_flops_per_image
 if CUDA:
     IMG, PATCH, BATCH, DTYPE = 224, 16, 256, torch.bfloat16
     PRESETS = ["crate_tiny", "crate_small", "crate_base", "crate_large"]
-    IMPLS = ["reference", "torch", "triton", "compile"]
+    # graphs: the triton impl under torch.compile(mode="reduce-overhead"), i.e. fused elementwise work
+    # and forward / backward replayed as CUDA graphs (no per-kernel launch cost).
+    IMPLS = ["reference", "torch", "triton", "compile", "graphs"]
     COMPILE_PRESETS = {"crate_base"}            # torch.compile costs ~1 min per model: the headline preset
     VITS = {"vit_small_patch16_224": (384, 6), "vit_base_patch16_224": (768, 12)}
 else:
@@ -54,19 +56,19 @@ def _build(arch: str, impl: str):
         flops = vit_flops_per_image(dim, 12, img=IMG, patch=PATCH, classes=NUM_CLASSES, training=True)
     else:
         model = create_model(arch, num_classes=NUM_CLASSES, img_size=IMG, patch_size=PATCH,
-                             impl="torch" if impl == "compile" else impl)
+                             impl={"compile": "torch", "graphs": "triton"}.get(impl, impl))
         flops = flops_per_image(get_config(arch, img_size=IMG, patch_size=PATCH, num_classes=NUM_CLASSES),
                                 training=True)
     model = model.to(DEVICE)
-    if impl == "compile":
-        model = torch.compile(model)
+    if impl in ("compile", "graphs"):
+        model = torch.compile(model, mode="reduce-overhead" if impl == "graphs" else "default")
     return model, flops
 
 
 def _cases():
     for arch in PRESETS:
         for impl in IMPLS:
-            if impl != "compile" or arch in COMPILE_PRESETS:
+            if impl not in ("compile", "graphs") or arch in COMPILE_PRESETS:
                 yield arch, impl
     for arch in VITS:
         yield arch, "timm"
@@ -85,20 +87,25 @@ def test_train_step(benchmark, arch, impl):
             return F.cross_entropy(model(x), y)
 
     def step():
+        if impl == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         forward().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()                                            # autotune / compile outside the timing
     sync()
-    activations = saved_activation_bytes(forward, params=list(model.parameters()))
+    # Saved-tensor hooks would make torch.compile re-trace; graphs saves what triton saves.
+    activations = saved_activation_bytes(forward, params=list(model.parameters())) if impl != "graphs" else None
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
         step()
         sync()
         peak = torch.cuda.max_memory_allocated()
     seconds = run(benchmark, step, rounds=10 if CUDA else None)
-    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG, activation_mb=round(activations / 2**20, 1))
+    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG)
+    if activations is not None:
+        extra["activation_mb"] = round(activations / 2**20, 1)
     if CUDA:
         extra["peak_mem_mb"] = round(peak / 2**20, 1)
         peak_fl = peak_flops(torch.cuda.get_device_name(0))
@@ -115,6 +122,8 @@ def test_inference(benchmark, arch, impl):
     x = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
 
     def step():
+        if impl == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), _autocast():
             model(x)
 

@@ -49,7 +49,8 @@ def model_tables(run: dict) -> list[str]:
         rows[(p["arch"], mode)][p["impl"]] = p
     if not rows:
         return []
-    impls = ["reference", "torch", "triton", "compile", "timm"]
+    present = {impl for by_impl in rows.values() for impl in by_impl}
+    impls = [i for i in ["reference", "torch", "triton", "compile", "graphs", "timm"] if i in present or i != "graphs"]
     batch = next(iter(next(iter(rows.values())).values()))["batch"]
     what = "img/s (speed-up over `impl=\"reference\"`), bf16 autocast" if run["gpu"] else \
         "speed-up over `impl=\"reference\"`, fp32"
@@ -93,13 +94,16 @@ def kernel_tables(run: dict) -> list[str]:
             continue
         p = _params(b)
         shape = "x".join(map(str, p.get("shape", [])))
-        groups[(m.group(1), shape, p.get("dtype"))][m.group(3)] = (b["stats"]["median"], p.get("tflops"))
+        seconds = p.get("seconds_per_call", b["stats"]["median"])
+        groups[(m.group(1), shape, p.get("dtype"))][m.group(3)] = (seconds, p.get("tflops"))
     if not groups:
         return []
+    first = ["triton", "torch", "compile", "reference"]
     providers = sorted({prov for g in groups.values() for prov in g},
-                       key=lambda s: ["triton", "torch", "compile", "reference"].index(s)
-                       if s in ("triton", "torch", "compile", "reference") else 10)
+                       key=lambda s: (first.index(s) if s in first else len(first), s))
+    graphed = any(_params(b).get("cuda_graph") for b in run["benchmarks"])
     unit = "ms (TFLOP/s)" if run["gpu"] else "speed-up over reference"
+    unit += ", CUDA-graph replays (device time)" if graphed else ""
     out = [f"**Kernels, forward + backward** ({_head(run)}); {unit}", "",
            "| op | shape | dtype | " + " | ".join(providers) + " |", "|---|---|---|" + "---|" * len(providers)]
     for (op, shape, dtype), by in sorted(groups.items()):
