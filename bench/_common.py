@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: device, synchronized timing, result annotation, memory."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -35,6 +36,26 @@ def run(benchmark, fn, *, calls: int = 1, rounds: int | None = None, warmup: int
     return benchmark.stats.stats.median
 
 
+_CAPTURE_STREAM = None
+
+
+@contextlib.contextmanager
+def capture_stream():
+    """Run the block on the stream run_graphed() captures on (a no-op on CPU). Autograd runs each
+    backward op on its forward op's stream, so a graph that is only backward (bench mode "bwd") must
+    have its forward built here to be captured."""
+    global _CAPTURE_STREAM
+    if not CUDA:
+        yield
+        return
+    if _CAPTURE_STREAM is None:
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    _CAPTURE_STREAM.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_CAPTURE_STREAM):
+        yield _CAPTURE_STREAM
+    torch.cuda.current_stream().wait_stream(_CAPTURE_STREAM)
+
+
 def run_graphed(benchmark, fn, *, calls: int = 10, rounds: int = 20) -> float:
     """Like run(), but on CUDA time replays of a CUDA graph holding ``calls`` calls of fn: device time
     without per-launch host cost, which on a slow host hides the kernels (an eager call of a small op
@@ -42,16 +63,13 @@ def run_graphed(benchmark, fn, *, calls: int = 10, rounds: int = 20) -> float:
     provider that cannot be captured is timed eagerly. On CPU this is run()."""
     if not CUDA:
         return run(benchmark, fn)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                   # warm up (autotuning, compilation) outside the capture
+    with capture_stream() as stream:                # warm up (autotuning, compilation) outside the capture
         for _ in range(3):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
     sync()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             for _ in range(calls):
                 fn()
     except RuntimeError as e:

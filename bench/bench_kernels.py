@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import CUDA, DEVICE, annotate, run_graphed
+from _common import CUDA, DEVICE, annotate, capture_stream, run_graphed
 from crate_fast.kernels import ista_step, mssa_attention
 from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref
 from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch
@@ -81,7 +81,8 @@ def _bench_mode(benchmark, f, inputs, mode, grad_out):
             with torch.no_grad():
                 f(*inputs)
     elif mode == "bwd":
-        out = f(*inputs)
+        with capture_stream():                # the backward ops then run (and are captured) there
+            out = f(*inputs)
         leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
         def step():
