@@ -15,6 +15,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
+# A plain `import ffcv` (bench_data.py) would set torch.set_num_threads(1) for the whole session.
+try:
+    from crate_fast.data._ffcv import require_ffcv
+
+    require_ffcv()
+except ImportError:
+    pass
+
 
 def device_tag() -> str:
     if torch.cuda.is_available():

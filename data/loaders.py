@@ -17,23 +17,18 @@ import os
 import numpy as np
 import torch
 
+from ._ffcv import require_ffcv
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 DEFAULT_CROP_RATIO = 224 / 256
-
-
-def _require_ffcv():
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as e:
-        raise ImportError("FFCV is not installed: run ./run.sh (as root it installs the Debian packages FFCV "
-                          "builds against) or pass --loader torchvision") from e
 
 
 def check_beton(path: str) -> None:
     """A clear error for a missing, empty, truncated or foreign file, before FFCV reads it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist (write one with python -m crate_fast.data.write_ffcv)")
+    require_ffcv()
     from ffcv.reader import Reader
 
     size = os.path.getsize(path)
@@ -134,10 +129,9 @@ class DeviceLoader:
 
 
 def _loader(path, batch_size, num_workers, pipelines, order, drop_last, os_cache, seed, recompile):
+    check_beton(path)
     from ffcv.loader import Loader
 
-    _require_ffcv()
-    check_beton(path)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # Sharding is ours (_shards), so FFCV itself runs undistributed.
@@ -155,7 +149,9 @@ def train_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers
 
     os_cache=True reads through the page cache (fast when the file fits in RAM); False streams with
     FFCV's own cache. progressive=True allows set_resolution() between epochs (recompiles the pipeline).
+    num_workers: FFCV's decoding threads (at most the core count); PyTorch's own thread count is kept.
     """
+    require_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
@@ -175,6 +171,7 @@ def val_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers: 
                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DeviceLoader:
     """Evaluation batches: center crop (ratio 224/256 of the short side) resized to img_size, every
     sample exactly once across ranks."""
+    require_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._ffcv import require_ffcv
+
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "pets": 37}
 DEFAULT_CACHE = os.environ.get("CRATE_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "crate_fast"))
 
@@ -65,6 +67,7 @@ def kind_of(data: str) -> str:
 
 
 def beton_num_classes(path: str) -> int:
+    require_ffcv()
     from ffcv.reader import Reader
 
     r = Reader(path)

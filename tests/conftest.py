@@ -19,6 +19,15 @@ os.environ.setdefault("CRATE_FAST_AUTOTUNE", "0")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# FFCV, when installed, is imported through crate_fast's helper before any test module imports it: a
+# plain `import ffcv` calls torch.set_num_threads(1) for the rest of the session (data/_ffcv.py).
+try:
+    from crate_fast.data._ffcv import require_ffcv
+
+    require_ffcv()
+except ImportError:
+    pass
+
 # Where Triton kernels run in this session: the GPU, or the CPU through the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -83,6 +83,21 @@ def test_normalize_matches_float64(layout, dtype):
     assert ((x.double() - truth).abs() <= tol * truth.abs().clamp_min(1)).all()
 
 
+def test_loaders_keep_torch_threads_and_cap_ffcv_threads(beton):
+    """FFCV alone sets torch.set_num_threads(num_workers) at every epoch and crashes in numba when
+    num_workers exceeds the cores (data/_ffcv.py)."""
+    out, _ = beton
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for workers in (1, (os.cpu_count() or 1) + 2):
+            val = val_loader(out, batch_size=8, img_size=16, num_workers=workers)
+            assert sum(len(y) for _, y in val) == 21
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_batches_are_fresh_memory(beton):
     """FFCV reuses its output buffers every few batches; the batches we hand out must not alias them."""
     out, _ = beton
