@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from crate_fast.data import LoaderOptions, build_loaders
 from crate_fast.data.sources import DEFAULT_CACHE, kind_of
+from crate_fast.kernels._utils import IMPLS
 
 import crate_fast
 from crate_fast.flops import flops_per_image, peak_flops
@@ -179,6 +180,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (out.device in ("cpu", "cuda") or out.device.startswith("cuda:"), f"--device {out.device!r}"),
         (not out.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no GPU is visible"),
         (out.arch in crate_fast.list_models(), f"--arch must be one of {crate_fast.list_models()}"),
+        (out.impl in IMPLS, f"--impl must be one of {IMPLS}, got {out.impl!r}"),
+        (out.impl != "triton" or out.device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1",
+         "--impl triton needs a GPU (--device cuda); use --impl torch or auto on the CPU"),
     ]
     for ok, msg in checks:
         if not ok:
