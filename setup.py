@@ -31,7 +31,7 @@ setup(
         "data": ["ffcv==1.0.2", "numba", "opencv-python-headless", "scikit-learn", "scikit-image", "torchvision"],
         "bench": ["pytest", "pytest-benchmark", "timm"],
         "analysis": ["matplotlib", "scikit-image"],
-        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis", "lion-pytorch", "timm", "matplotlib",
+        "dev": ["pytest", "pytest-benchmark", "ruff", "lion-pytorch", "timm", "matplotlib",
                 "scikit-learn", "scikit-image", "torchvision"],
     },
 )
