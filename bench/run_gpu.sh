@@ -27,7 +27,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNI
 status=0
 if want tests; then
     echo "== GPU tests (the AOT resource check runs on CPU machines too)"
-    $PY -m pytest tests -q -p no:cacheprovider -k "not aot" 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -5
+    $PY -m pytest tests -q -p no:cacheprovider -p no:hypothesispytest -k "not aot" 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
