@@ -177,6 +177,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (out.epochs > 0 and out.batch_size > 0 and out.lr > 0, "epochs, batch size and lr must be positive"),
         (out.accum_steps >= 1, "--accum-steps must be >= 1"),
         (out.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {COMPILE_MODES}, got {out.compile_mode!r}"),
+        (out.compile or out.compile_mode == "default", "--compile-mode needs --compile"),
         (out.device in ("cpu", "cuda") or out.device.startswith("cuda:"), f"--device {out.device!r}"),
         (not out.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no GPU is visible"),
         (out.arch in crate_fast.list_models(), f"--arch must be one of {crate_fast.list_models()}"),
@@ -380,6 +381,8 @@ class Trainer:
         self.net.eval()
         loss_sum = top1 = top5 = n = 0.0
         for images, labels in self.data.val:
+            if self.graphed:
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 logits = self.net(images)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()

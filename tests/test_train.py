@@ -104,6 +104,7 @@ def test_compiled_run_with_cuda_graph_mode(tmp_path):
     (["--data", "/nonexistent/path"], "not a directory nor one of"),
     (["--opt", "sgd"], "--opt must be lion or adamw"),
     (["--compile-mode", "fast"], "--compile-mode must be one of"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode needs --compile"),
     (["--impl", "cuda"], "--impl must be one of"),
     (["--precision", "fp8"], "--precision must be"),
     (["--arch", "crate_huge"], "--arch must be one of"),
