@@ -515,10 +515,12 @@ def main(argv=None) -> int:
             metrics = trainer.evaluate()
             if rank == 0:
                 print(json.dumps(metrics))
-            return 0
-        final = trainer.fit()
-        if rank == 0 and final:
-            print(f"done: best top-1 {trainer.best_top1:.2f}%  (run dir {cfg.out})")
+        else:
+            final = trainer.fit()
+            if rank == 0 and final:
+                print(f"done: best top-1 {trainer.best_top1:.2f}%  (run dir {cfg.out})")
+        if dist.is_initialized():
+            dist.barrier()      # leave together: rank 0 may still be writing its checkpoint
         return 0
     finally:
         if dist.is_initialized():
