@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .loaders import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, Normalize, _rank_world
+from .loaders import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, NormalizingLoader, _rank_world
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -37,21 +37,16 @@ class _ShardSampler(torch.utils.data.Sampler):
         return len(self._indices())
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(NormalizingLoader):
     """DataLoader over a dataset of (PIL image, label), uint8 to the device, normalized there."""
 
     def __init__(self, dataset, *, batch_size, train, num_workers, device, dtype, distributed, seed,
                  drop_last, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.sampler = _ShardSampler(len(dataset), shuffle=train, seed=seed, distributed=distributed, equal=train)
-        self.loader = torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, drop_last=drop_last,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0)
-        self.device = torch.device(device)
-        self.normalize = Normalize(device, dtype, mean, std)
-        self.mean, self.std = self.normalize.mean, self.normalize.std
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        super().__init__(loader, device, dtype, mean, std)
 
     @property
     def num_samples(self) -> int:
@@ -59,10 +54,6 @@ class TorchvisionLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            yield self.normalize(images), labels.to(self.device, non_blocking=True).long()
 
 
 def train_transform(img_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):

@@ -97,16 +97,29 @@ class Normalize:
         return torch.addcmul(self.shift, x, self.scale, out=out)
 
 
-class DeviceLoader:
-    """Iterates an FFCV loader, moving uint8 batches to the device and normalizing them there."""
+class NormalizingLoader:
+    """Iterates `loader`'s (uint8 images, labels) batches, moving them to the device and normalizing
+    the images there. Shared by the FFCV loaders and the torchvision fallback."""
 
-    def __init__(self, loader, device, dtype, mean, std, decoder=None):
-        self.loader, self.device, self.decoder = loader, torch.device(device), decoder
+    def __init__(self, loader, device, dtype, mean, std):
+        self.loader, self.device = loader, torch.device(device)
         self.normalize = Normalize(device, dtype, mean, std)
         self.mean, self.std = self.normalize.mean, self.normalize.std
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield self.normalize(images), labels.to(self.device, non_blocking=True).long().view(-1)
+
+
+class DeviceLoader(NormalizingLoader):
+    """An FFCV loader's batches on the device, normalized."""
+
+    def __init__(self, loader, device, dtype, mean, std, decoder=None):
+        super().__init__(loader, device, dtype, mean, std)
+        self.decoder = decoder
 
     @property
     def num_samples(self) -> int:
@@ -122,10 +135,6 @@ class DeviceLoader:
         if self.decoder is None:
             raise RuntimeError("set_resolution is only available on training loaders")
         self.decoder.output_size = (res, res)
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            yield self.normalize(images), labels.to(self.device, non_blocking=True).long().view(-1)
 
 
 def _loader(path, batch_size, num_workers, pipelines, order, drop_last, os_cache, seed, recompile):
