@@ -1,4 +1,5 @@
-"""Triton plumbing shared by mssa.py and ista.py: the dot helper, precision, op registration.
+"""Triton plumbing shared by mssa.py and ista.py: config rows and their admission, the dot and cast
+helpers, precision, op registration.
 
 Imported only when a Triton path is used, so CPU-only installs never need triton.
 """
@@ -6,19 +7,56 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
 from ._utils import interpreting
 
 INTERPRET = interpreting()
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # CRATE_FAST_AUTOTUNE=0 skips autotuning and takes the first admitted config (fast test runs).
 AUTOTUNE = os.environ.get("CRATE_FAST_AUTOTUNE", "1") != "0"
 _forced_config: int | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Autotune candidates. Each kernel lists rows; a row is admitted for a launch when it fits the dtype,
+# the arch and (MSSA) the head block. ``python -m crate_fast.kernels.aot_check`` compiles every admitted
+# combination for sm_80 and sm_90a and fails on any register spill or shared-memory overflow.
+# ------------------------------------------------------------------------------------------------
+class ConfigRow(NamedTuple):
+    dtypes: str        # "16bit" (fp16 and bf16), "fp32", or "any" (the interpreter's single row)
+    blocks: dict       # the kernel's block-size constexprs, e.g. {"BLOCK_M": 64, "BLOCK_N": 32}
+    warps: int
+    stages: int
+    sm80: int          # the largest head block it compiles for without spills on sm_80 (0: none) ...
+    sm90: int          # ... and on sm_90a, with Triton 3.6 and 3.8 alike
+
+
+# Kernels without a head dim (ISTA) admit a row at the nominal head block 1: sm80/sm90 say whether it fits.
+FITS, SPILLS = 1, 0
+
+
+def configs(rows: list[ConfigRow], interpreter_row: ConfigRow, **constexprs) -> list[triton.Config]:
+    """The autotuner's candidates: one per row (the interpreter runs its single small row), each
+    carrying its row for admitted(); constexprs are common to all (e.g. GROUP_M)."""
+    out = []
+    for row in [interpreter_row] if INTERPRET else rows:
+        cfg = triton.Config({**row.blocks, **constexprs}, num_warps=row.warps, num_stages=row.stages)
+        cfg.row = row
+        out.append(cfg)
+    return out
+
+
+def admitted(configs: list[triton.Config], dtype: str, arch: int, head_block: int = FITS) -> list[triton.Config]:
+    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), arch (80, 90) and head block."""
+    cls = "fp32" if dtype == "fp32" else "16bit"
+    return [c for c in configs
+            if c.row.dtypes in (cls, "any") and head_block <= (c.row.sm90 if arch >= 90 else c.row.sm80)]
 
 
 def select_configs(admitted: list) -> list:
@@ -43,6 +81,20 @@ def force_config(index: int, *kernels):
             k.cache.clear()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def arch_of(t: torch.Tensor) -> int:
+    """Which resource table applies: 90 for Hopper and newer, 80 for everything older."""
+    if not t.is_cuda:
+        return 90
+    return 90 if torch.cuda.get_device_capability(t.device)[0] >= 9 else 80
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
 # Two gaps of the CPU interpreter (Triton 3.6-3.8) with bfloat16, routed around when INTERP_BF16 is
 # set (interpreting bf16 data only; on a GPU both helpers are plain tl.dot / .to):
 #  - tl.dot on bf16 operands multiplies raw bit patterns (triton#11584): feed it fp32 copies;
@@ -63,8 +115,9 @@ def cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
     if INTERP_BF16:
         if dtype == tl.bfloat16:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            # A NaN's payload could carry into the sign bit or wrap to zero: keep NaNs as they are.
+            x = tl.where(x != x, x.to(tl.float32), rounded.to(tl.float32, bitcast=True))
     return x.to(dtype)
 
 
@@ -75,21 +128,13 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET else "ieee"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-
-
-def arch_of(t: torch.Tensor) -> int:
-    """Which resource table applies: 90 for Hopper and newer, 80 for everything older."""
-    if not t.is_cuda:
-        return 90
-    return 90 if torch.cuda.get_device_capability(t.device)[0] >= 9 else 80
-
-
 def interp_bf16(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+# ------------------------------------------------------------------------------------------------
+# Launching, eager and traced
+# ------------------------------------------------------------------------------------------------
 def launch(kernel, traced: bool):
     """The kernel as launched inside a torch.library op (wrap_triton: torch.compile sees it) or from
     eager code (the raw kernel; the interpreter always runs it directly)."""
@@ -108,8 +153,9 @@ def register_op(name: str):
     return triton_op(name, mutates_args=())
 
 
-def check_tensor(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
-    if not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
-        raise RuntimeError(f"{name}: the Triton kernels need a CUDA tensor, got one on {t.device}")
+def tracing(t: torch.Tensor) -> bool:
+    """Is t a tracing stand-in (torch.compile, export, opcheck) rather than real memory? A backward
+    shared by an op and its eager twin then launches through the registered ops, which the traced
+    graph records. (is_compiling() alone misses AOTAutograd tracing a backward in older torch releases
+    and in opcheck.)"""
+    return torch.compiler.is_compiling() or is_fake(t)

@@ -76,23 +76,25 @@ def _precision(dtype: str):
 def jobs(archs=(80, 90)) -> list[Job]:
     """Every configuration the dispatchers can launch."""
     from crate_fast.kernels import ista, mssa
+    from crate_fast.kernels._triton import admitted
+    from crate_fast.kernels._utils import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM
 
     out = []
     for arch in archs:
         for dtype in DTYPES:
             for block_d in mssa.HEAD_BLOCKS:
-                if dtype == "fp32" and block_d > mssa.FP32_MAX_HEAD_DIM:
+                if block_d > (FP32_MAX_HEAD_DIM if dtype == "fp32" else MAX_HEAD_DIM):
                     continue                                    # refused by the dispatcher
                 for even in (True, False):               # D == BLOCK_D (64), or padded (48 -> 64)
                     base = dict(BLOCK_D=block_d, EVEN_D=even, INTERP_BF16=False)
                     head = f"D{'=' if even else '<'}{block_d}"
                     for name, configs in (("_mssa_fwd_kernel", mssa.FWD_CONFIGS),
                                           ("_mssa_bwd_kernel", mssa.BWD_CONFIGS)):
-                        admitted = mssa.admitted(configs, dtype, block_d, arch)
-                        if not admitted:
+                        fits = admitted(configs, dtype, arch, block_d)
+                        if not fits:
                             out.append(Job(f"mssa.{name}", arch, dtype, {}, 0, 0, f"{head}: no config fits"))
                         extra = {"ONE_LOOP": dtype == "fp32"} if name == "_mssa_bwd_kernel" else {}
-                        for cfg in admitted:
+                        for cfg in fits:
                             out.append(Job(f"mssa.{name}", arch, dtype,
                                            {**base, **extra, **cfg.kwargs, "PRECISION": _precision(dtype)},
                                            cfg.num_warps, cfg.num_stages, f"{head} {_fmt(cfg.kwargs)}"))
@@ -100,10 +102,10 @@ def jobs(archs=(80, 90)) -> list[Job]:
                                dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
             # The residual/output is the GEMM dtype, or fp32 under autocast (16-bit GEMM, fp32 stream).
             for resid in sorted({dtype, "fp32"}):
-                admitted = ista.admitted(ista.GEMM_CONFIGS, dtype, arch)
-                if not admitted:
+                fits = admitted(ista.GEMM_CONFIGS, dtype, arch)
+                if not fits:
                     out.append(Job("ista._ista_fwd_kernel", arch, dtype, {}, 0, 0, "no config fits"))
-                for cfg in admitted:
+                for cfg in fits:
                     out.append(Job("ista._ista_fwd_kernel", arch, dtype,
                                    {**cfg.kwargs, "INTERP_BF16": False, "PRECISION": _precision(dtype)},
                                    cfg.num_warps, cfg.num_stages, f"x:{resid} {_fmt(cfg.kwargs)}",

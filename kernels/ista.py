@@ -17,10 +17,13 @@ import triton
 import triton.language as tl
 
 from ._triton import (
-    INTERPRET,
+    FITS,
+    SPILLS,
+    ConfigRow,
+    admitted,
     arch_of,
     cast,
-    check_tensor,
+    configs,
     dot,
     dot_precision,
     dtype_name,
@@ -29,38 +32,24 @@ from ._triton import (
     register_op,
     select_configs,
 )
-from .torch_ops import ista_apply_backward, ista_step_composed
+from .torch_ops import ista_apply_backward, ista_apply_setup_context, ista_operands
 
-# Autotune candidates: dtype class, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, and whether the config
-# compiles without register spills on sm_80 and on sm_90a, with Triton 3.6 and 3.8 alike.
-# ``python -m crate_fast.kernels.aot_check`` verifies every admitted combination.
+# ------------------------------------------------------------------------------------------------
+# Autotune candidates (ConfigRow; no head dim: sm80/sm90 say whether the row compiles without spills).
+# ------------------------------------------------------------------------------------------------
 _ROWS = [
-    ("16bit", 128, 128, 64, 8, 3, False, True), ("16bit", 128, 128, 64, 8, 4, False, True),
-    ("16bit", 128, 128, 64, 8, 2, False, True), ("16bit", 128, 64, 64, 4, 4, False, True),
-    ("16bit", 64, 64, 64, 4, 4, True, True), ("16bit", 64, 64, 32, 4, 3, True, True),
-    ("fp32", 64, 64, 64, 4, 4, False, True), ("fp32", 64, 64, 32, 4, 2, True, True),
-    ("fp32", 32, 64, 32, 4, 2, True, True),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), warps=8, stages=3, sm80=SPILLS, sm90=FITS),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), warps=8, stages=4, sm80=SPILLS, sm90=FITS),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), warps=8, stages=2, sm80=SPILLS, sm90=FITS),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), warps=4, stages=4, sm80=SPILLS, sm90=FITS),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), warps=4, stages=4, sm80=FITS, sm90=FITS),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), warps=4, stages=3, sm80=FITS, sm90=FITS),
+    ConfigRow("fp32", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), warps=4, stages=4, sm80=SPILLS, sm90=FITS),
+    ConfigRow("fp32", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), warps=4, stages=2, sm80=FITS, sm90=FITS),
+    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), warps=4, stages=2, sm80=FITS, sm90=FITS),
 ]
-_INTERPRETER_ROW = ("any", 32, 32, 32, 4, 1, True, True)
-
-
-def _configs(rows: list) -> list:
-    out = []
-    for row in ([_INTERPRETER_ROW] if INTERPRET else rows):
-        cfg = triton.Config({"BLOCK_M": row[1], "BLOCK_N": row[2], "BLOCK_K": row[3], "GROUP_M": 8},
-                            num_warps=row[4], num_stages=row[5])
-        cfg.fits = row     # read by admitted()
-        out.append(cfg)
-    return out
-
-
-GEMM_CONFIGS = _configs(_ROWS)
-
-
-def admitted(configs: list, dtype: str, arch: int) -> list:
-    """The candidates that fit this GEMM dtype ("fp16", "bf16", "fp32") and arch (80, 90)."""
-    cls = "fp32" if dtype == "fp32" else "16bit"
-    return [c for c in configs if c.fits[0] in (cls, "any") and c.fits[6 if arch < 90 else 7]]
+GEMM_CONFIGS = configs(_ROWS, ConfigRow("any", dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), warps=4, stages=1,
+                                        sm80=FITS, sm90=FITS), GROUP_M=8)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -110,7 +99,9 @@ def _ista_fwd_kernel(
     c_off = rows[:, None] * N + offs_n[None, :]
     c_mask = mask_m[:, None] & mask_n[None, :]
     x = tl.load(X + c_off, mask=c_mask, other=0.0).to(tl.float32)
-    out = tl.maximum(x + eta * acc - eta_lambd, 0.0)             # relu(x + eta x A - eta lambda)
+    # relu(x + eta x A - eta lambda). propagate_nan: a NaN pre-activation stays NaN, as torch's relu
+    # keeps it (the default maxnum would return 0, turning a NaN input into a finite output).
+    out = tl.maximum(x + eta * acc - eta_lambd, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(OUT + c_off, cast(out, OUT.dtype.element_ty, INTERP_BF16), mask=c_mask)
 
 
@@ -119,6 +110,8 @@ def _ista_fwd_kernel(
 # ------------------------------------------------------------------------------------------------
 def _ista_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta: float, lambd: float,
                   traced: bool = False) -> torch.Tensor:
+    """x: (M, C) rows contiguous, the residual; xc: x in a's dtype (None: x is); a: (C, C) -> (M, C) in
+    x's dtype."""
     xc = x if xc is None else xc
     M, K = xc.shape
     N = a.shape[1]
@@ -131,8 +124,8 @@ def _ista_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library op + autograd (the backward is plain torch ops, so torch.compile can fuse it), and the
-# eager twin
+# torch.library op and its eager twin, both with torch_ops' autograd of the apply step (plain torch ops
+# in the backward, so torch.compile can fuse them)
 # ------------------------------------------------------------------------------------------------
 @register_op("crate_fast::ista_apply")
 def ista_apply(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
@@ -144,49 +137,31 @@ def _(x, xc, a, eta, lambd):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    x, xc, a, eta, _ = inputs
-    ctx.save_for_backward(x if xc is None else xc, a, output)
-    ctx.eta, ctx.separate = eta, xc is not None
-
-
-def _backward(ctx, dout):
-    xg, a, out = ctx.saved_tensors
-    return (*ista_apply_backward(xg, a, out, dout, ctx.eta, ctx.separate), None, None)
-
-
-ista_apply.register_autograd(_backward, setup_context=_setup_context)
+ista_apply.register_autograd(ista_apply_backward, setup_context=ista_apply_setup_context)
 
 
 class _ISTAApplyTriton(torch.autograd.Function):
-    """The same forward/backward for eager mode, without the torch.library dispatch overhead."""
+    """ista_apply and its autograd for eager calls, without the torch.library dispatch (see register_op)."""
 
     @staticmethod
-    def forward(ctx, x, xc, a, eta, lambd):
-        out = _ista_forward(x, xc, a, eta, lambd)
-        ctx.save_for_backward(x if xc is None else xc, a, out)
-        ctx.eta, ctx.separate = eta, xc is not None
-        return out
+    def forward(x, xc, a, eta, lambd):
+        return _ista_forward(x, xc, a, eta, lambd)
 
-    backward = staticmethod(_backward)
-
-
-def _apply(x, xc, a, eta, lambd):
-    if torch.compiler.is_compiling():
-        return ista_apply(x, xc, a, eta, lambd)
-    return _ISTAApplyTriton.apply(x, xc, a, eta, lambd)
+    setup_context = staticmethod(ista_apply_setup_context)
+    backward = staticmethod(ista_apply_backward)
 
 
 # ------------------------------------------------------------------------------------------------
-# Public function
+# Entry point, for the inputs ista_step admitted: CUDA (or the interpreter), x and the compute dtype
+# fp32/fp16/bf16, non-empty
 # ------------------------------------------------------------------------------------------------
-def ista_step_triton(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
-                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def ista_step_triton(x: torch.Tensor, weight: torch.Tensor, step_size: float, lambd: float,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
     """x: (..., C), weight: (C, C) -> (..., C) in x's dtype; the GEMM runs in compute_dtype."""
-    compute_dtype = compute_dtype or x.dtype
-    check_tensor(x, "ista_step")
-    check_tensor(weight, "ista_step weight")
-    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"ista_step: the Triton kernel computes in fp32/fp16/bf16, not {compute_dtype}")
-    x = x.contiguous()
-    return ista_step_composed(_apply, x, weight, step_size, lambd, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
+        x2, xc, a = ista_operands(x.contiguous(), weight, compute_dtype)    # the kernel reads whole rows
+        if torch.compiler.is_compiling():
+            out = ista_apply(x2, xc, a, step_size, lambd)
+        else:
+            out = _ISTAApplyTriton.apply(x2, xc, a, step_size, lambd)
+    return out.view(x.shape)

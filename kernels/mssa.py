@@ -18,17 +18,17 @@ fp32 / fp16 / bf16 with fp32 accumulation, strided inputs (the model's head spli
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton import (
     INTERPRET,
+    ConfigRow,
+    admitted,
     arch_of,
     cast,
-    check_tensor,
+    configs,
     dot,
     dot_precision,
     dtype_name,
@@ -36,60 +36,52 @@ from ._triton import (
     launch,
     register_op,
     select_configs,
+    tracing,
 )
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128
+HEAD_BLOCKS = (16, 32, 64, 128)     # head dims are padded up to one of these inside the kernels
+DELTA_BLOCK_M = 16 if INTERPRET else 64
 
 
 # ------------------------------------------------------------------------------------------------
 # Autotune candidates. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
-# (less padding waste at N = 197) are in every table. Each row: dtype class, the two block sizes,
-# warps, stages, and the largest head block that compiles without register spills on sm_80 and on
-# sm_90a with Triton 3.6 and 3.8 alike (0: never). ``python -m crate_fast.kernels.aot_check`` verifies
-# every admitted combination with the installed Triton. fp32 runs IEEE fp32 dots (FMA, no tensor
-# cores) whose operands take far more registers: small tiles, and a single backward loop.
+# (less padding waste at N = 197) are in every table. sm80/sm90: the largest head block each row fits
+# (ConfigRow). fp32 runs IEEE fp32 dots (FMA, no tensor cores) whose operands take far more registers:
+# small tiles, and a single backward loop.
 # ------------------------------------------------------------------------------------------------
-HEAD_BLOCKS = (16, 32, 64, 128)     # head dims are padded up to one of these inside the kernels
-DELTA_BLOCK_M = 16 if INTERPRET else 64
-FP32_MAX_HEAD_DIM = 64              # fp32 backward spills at head block 128 with every tile shape
-
 _FWD_ROWS = [
-    ("16bit", 64, 64, 4, 2, 64, 128), ("16bit", 64, 32, 4, 3, 64, 128), ("16bit", 128, 64, 8, 2, 128, 128),
-    ("16bit", 128, 32, 8, 3, 128, 128), ("16bit", 64, 16, 4, 2, 64, 128), ("16bit", 32, 32, 4, 2, 128, 128),
-    ("fp32", 16, 16, 8, 1, 64, 64), ("fp32", 32, 16, 4, 2, 64, 32), ("fp32", 32, 32, 4, 2, 32, 16),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=64), warps=4, stages=2, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=32), warps=4, stages=3, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=64), warps=8, stages=2, sm80=128, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=32), warps=8, stages=3, sm80=128, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=16), warps=4, stages=2, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_M=32, BLOCK_N=32), warps=4, stages=2, sm80=128, sm90=128),
+    ConfigRow("fp32", dict(BLOCK_M=16, BLOCK_N=16), warps=8, stages=1, sm80=64, sm90=64),
+    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=16), warps=4, stages=2, sm80=64, sm90=32),
+    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=32), warps=4, stages=2, sm80=32, sm90=16),
 ]
 _BWD_ROWS = [
-    ("16bit", 64, 16, 4, 2, 64, 128), ("16bit", 128, 32, 8, 2, 64, 128), ("16bit", 64, 32, 4, 2, 64, 128),
-    ("16bit", 128, 16, 8, 2, 128, 128), ("16bit", 64, 64, 4, 2, 64, 64), ("16bit", 32, 32, 4, 2, 128, 128),
-    ("fp32", 16, 16, 4, 1, 64, 64), ("fp32", 16, 16, 8, 1, 64, 64), ("fp32", 32, 16, 4, 2, 32, 32),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=16), warps=4, stages=2, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=32), warps=8, stages=2, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=32), warps=4, stages=2, sm80=64, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=16), warps=8, stages=2, sm80=128, sm90=128),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=64), warps=4, stages=2, sm80=64, sm90=64),
+    ConfigRow("16bit", dict(BLOCK_J=32, BLOCK_I=32), warps=4, stages=2, sm80=128, sm90=128),
+    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), warps=4, stages=1, sm80=64, sm90=64),
+    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), warps=8, stages=1, sm80=64, sm90=64),
+    ConfigRow("fp32", dict(BLOCK_J=32, BLOCK_I=16), warps=4, stages=2, sm80=32, sm90=32),
 ]
-_INTERPRETER_ROW = ("any", 32, 16, 4, 1, 128, 128)
-
-
-def _configs(rows: list, a: str, b: str) -> list:
-    out = []
-    for row in ([_INTERPRETER_ROW] if INTERPRET else rows):
-        cfg = triton.Config({a: row[1], b: row[2]}, num_warps=row[3], num_stages=row[4])
-        cfg.fits = row     # read by admitted()
-        out.append(cfg)
-    return out
-
-
-FWD_CONFIGS = _configs(_FWD_ROWS, "BLOCK_M", "BLOCK_N")
-BWD_CONFIGS = _configs(_BWD_ROWS, "BLOCK_J", "BLOCK_I")
-
-
-def admitted(configs: list, dtype: str, block_d: int, arch: int) -> list:
-    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), head block and arch (80, 90)."""
-    cls = "fp32" if dtype == "fp32" else "16bit"
-    return [c for c in configs if c.fits[0] in (cls, "any") and block_d <= c.fits[5 if arch < 90 else 6]]
+FWD_CONFIGS = configs(_FWD_ROWS, ConfigRow("any", dict(BLOCK_M=32, BLOCK_N=16), warps=4, stages=1,
+                                       sm80=128, sm90=128))
+BWD_CONFIGS = configs(_BWD_ROWS, ConfigRow("any", dict(BLOCK_J=32, BLOCK_I=16), warps=4, stages=1,
+                                       sm80=128, sm90=128))
 
 
 def _prune(configs, named_args, **kwargs):
     w = named_args["W"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    return select_configs(admitted(configs, dtype_name(w.dtype), block_d, arch_of(w)))
+    return select_configs(admitted(configs, dtype_name(w.dtype), arch_of(w), block_d))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,8 +110,13 @@ def _fwd_block(q, m_i, l_i, acc, W, start, offs_d, s_wn, N, D, qk_scale, BLOCK_N
     if MASK_ROWS:                                                           # only the last block has a tail
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])                              # one FMA + EX2 per score
+    # Non-finite scores, as the reference's softmax treats them. A row whose scores so far are all -inf
+    # (keys holding an Inf of the other sign) keeps m = -inf: shift it by 0, so its p and alpha are
+    # exp(-inf) = 0 rather than exp(-inf + inf) = NaN. A +inf score makes its p, hence l and the row, NaN
+    # (softmax of +inf); so does a NaN score, whatever the max made of it (maxnum on a GPU skips NaN).
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s * qk_scale - m_shift[:, None])                            # one FMA + EX2 per score
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot(cast(p, kv.dtype, INTERP_BF16), kv, acc * alpha[:, None], INTERP_BF16, PRECISION)
     return m_new, l_i, acc
@@ -195,7 +192,9 @@ def _bwd_tile(acc, w_j, do_j, lse_j, delta_j, w_i, do_i, lse_i, delta_i, qk_scal
 
     No masks: rows past N were loaded as zeros with lse = delta = 0. Every exponent below is <= 0
     (lse_i >= the diagonal score w_i.w_i * scale >= 0 for scale > 0), so p is in [0, 1], and the
-    zero rows of w_i / do_i cancel whatever a padded row or column contributes.
+    zero rows of w_i / do_i cancel whatever a padded row or column contributes. A NaN or Inf in w
+    makes its own softmax row NaN (its diagonal score is non-finite), so the lse of that row and
+    every dw of the head are NaN, as the reference's P^T dO: every program sweeps every row i.
     """
     st = dot(w_j, tl.trans(w_i), None, INTERP_BF16, PRECISION)              # raw S[j,i] = S[i,j]^T (BJ, BI)
     pt_ij = tl.exp2(st * qk_scale - lse_i[None, :])                         # P[i,j]^T (softmax rows i)
@@ -278,6 +277,7 @@ def _head_block(D: int) -> int:
 
 
 def _mssa_forward(w: torch.Tensor, scale: float, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (B, H, N, D), last stride 1 -> o: (B, H, N, D) with w's strides, lse: (B*H, N) fp32 (base 2)."""
     B, H, N, D = w.shape
     o = torch.empty_like(w)            # same strides as w: the model's (B, N, H, D) memory layout
     lse = torch.empty(B * H, N, device=w.device, dtype=torch.float32)
@@ -291,6 +291,7 @@ def _mssa_forward(w: torch.Tensor, scale: float, traced: bool = False) -> tuple[
 
 def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
                    scale: float, traced: bool = False) -> torch.Tensor:
+    """w, o, do: (B, H, N, D); lse: (B*H, N) from the forward -> dw: (B, H, N, D) with w's strides."""
     B, H, N, D = w.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -342,58 +343,32 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     w, o, lse = ctx.saved_tensors
-    return mssa_bwd(w, o, lse, do, ctx.scale), None
+    backward = mssa_bwd if tracing(do) else _mssa_backward
+    return backward(w, o, lse, do, ctx.scale), None
 
 
 mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MSSATriton(torch.autograd.Function):
-    """The same forward/backward for eager mode, without the torch.library dispatch overhead."""
+    """mssa_fwd and its autograd for eager calls, without the torch.library dispatch (see register_op)."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
-        o, lse = _mssa_forward(w, scale)
-        ctx.save_for_backward(w, o, lse)
-        ctx.scale = scale
-        return o
+    def forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _mssa_forward(w, scale)
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor):
-        w, o, lse = ctx.saved_tensors
-        return _mssa_backward(w, o, lse, do, ctx.scale), None
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # ------------------------------------------------------------------------------------------------
-# Public function
+# Entry point, for the inputs mssa_attention admitted: CUDA (or the interpreter), fp32/fp16/bf16,
+# head dim <= 128 (64 in fp32), scale > 0, non-empty
 # ------------------------------------------------------------------------------------------------
-def unsupported(w: torch.Tensor) -> str | None:
-    """Why the fused kernel cannot take this input (None if it can)."""
-    if w.dim() != 4:
-        return f"w must be (B, H, N, D), got {tuple(w.shape)}"
-    if w.numel() == 0:
-        return "w is empty"
-    D = w.shape[-1]
-    if D > MAX_HEAD_DIM:
-        return f"head dim {D} > {MAX_HEAD_DIM}"
-    if w.dtype == torch.float32 and D > FP32_MAX_HEAD_DIM:
-        return (f"fp32 with head dim {D} > {FP32_MAX_HEAD_DIM} (the fused backward would spill registers; "
-                "run under bf16/fp16 autocast)")
-    return None
-
-
-def mssa_attention_triton(w: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def mssa_attention_triton(w: torch.Tensor, scale: float) -> torch.Tensor:
     """w: (B, H, N, D) -> (B, H, N, D) on the fused kernels. Attention dropout is not supported."""
-    check_tensor(w, "mssa_attention")
-    why = unsupported(w)
-    if why:
-        raise NotImplementedError(f"mssa_attention(impl='triton'): {why}; use impl='torch' for this input")
     if w.stride(-1) != 1:
         w = w.contiguous()
-    scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        # The kernels rely on scale > 0 (the diagonal score bounds every exponent); CRATE's is D^-1/2.
-        raise ValueError(f"the Triton kernel needs a finite scale > 0, got {scale}")
     if torch.compiler.is_compiling():
         return mssa_fwd(w, scale)[0]
-    return _MSSATriton.apply(w, scale)
+    return _MSSATriton.apply(w, scale)[0]

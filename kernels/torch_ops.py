@@ -68,15 +68,28 @@ def mssa_attention_torch(w: torch.Tensor, scale: float) -> torch.Tensor:
 # (float64 tests agree with the reference to ~1e-15).
 # Under autocast the residual x and the output keep x's dtype (fp32), exactly as autocast runs the
 # official code (its elementwise x + update is fp32): only the GEMM operands are 16-bit.
+# Non-finite values: a NaN in x or W, or a row of x that is all +-Inf, lands where the reference puts
+# it, in the output and both gradients. A lone Inf in x, or an Inf in W, meets Infs of the other sign
+# in other products here (x (W - W^T W)) than in the reference (x W - (x W^T) W), so there NaN and
+# +-Inf can trade places (ista.py's kernel gives exactly this path's pattern).
 # ---------------------------------------------------------------------------------------------------
 def ista_operator(weight: torch.Tensor) -> torch.Tensor:
     """A = W - W^T W, the linear part of the ISTA step in row form (x W - x W^T W = x A)."""
     return torch.addmm(weight, weight.t(), weight, alpha=-1.0)
 
 
+def ista_operands(x: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype):
+    """The apply step's inputs, for autocast off: x as rows (M, C); x in the compute dtype (None when x
+    already is); A_c = A in the compute dtype (C, C), formed in the weight's dtype, through autograd."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xc = None if compute_dtype == x.dtype else x2.to(compute_dtype)
+    return x2, xc, ista_operator(weight).to(compute_dtype)
+
+
 def ista_apply_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, step_size: float,
                        lambd: float) -> torch.Tensor:
-    """relu(x + eta xc a - eta lambda) for 2-D x (M, C); xc is x in a's dtype, or None if x already is."""
+    """relu(x + eta xc a - eta lambda) for 2-D x (M, C); xc is x in a's dtype, or None if x already is.
+    NaN propagates through relu_ (as through the reference's F.relu)."""
     if xc is None:
         out = torch.addmm(x, x, a, alpha=step_size)              # residual rides in the GEMM epilogue
     else:
@@ -84,49 +97,37 @@ def ista_apply_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor
     return out.sub_(step_size * lambd).relu_()
 
 
-def ista_apply_backward(xg: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, step_size: float,
-                        separate: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Gradients of ista_apply_forward w.r.t. (x, xc, a); xg is the GEMM operand (xc, or x).
-    out's sign is the ReLU mask."""
-    g = torch.ops.aten.threshold_backward(dout, out, 0)          # dout * (out > 0), one vectorized pass
+# The autograd of the apply step, shared by _ISTAApply here and by ista.py's op and its eager twin.
+def ista_apply_setup_context(ctx, inputs, output):
+    x, xc, a, step_size, _ = inputs
+    # out is the next layer's input, kept alive anyway: saving it costs no memory, and its sign is the
+    # ReLU mask, so no pre-activation copy is stored.
+    ctx.save_for_backward(x if xc is None else xc, a, output)
+    ctx.step_size, ctx.separate = step_size, xc is not None
+
+
+def ista_apply_backward(ctx, dout: torch.Tensor):
+    """Gradients w.r.t. (x, xc, a, step_size, lambd); xg is the GEMM operand (xc, or x)."""
+    xg, a, out = ctx.saved_tensors
+    # dout where out > 0, else 0: relu's own backward, so a NaN output passes dout on as the reference's does.
+    g = torch.ops.aten.threshold_backward(dout, out, 0)
     gc = g.to(a.dtype)
-    da = torch.mm(xg.t(), gc).mul_(step_size)
-    if separate:
-        return g, torch.mm(gc, a.t()).mul_(step_size), da
-    return torch.addmm(g, gc, a.t(), alpha=step_size), None, da
+    da = torch.mm(xg.t(), gc).mul_(ctx.step_size)
+    if ctx.separate:
+        return g, torch.mm(gc, a.t()).mul_(ctx.step_size), da, None, None
+    return torch.addmm(g, gc, a.t(), alpha=ctx.step_size), None, da, None, None
 
 
 class _ISTAApply(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor, step_size: float,
-                lambd: float) -> torch.Tensor:
-        out = ista_apply_forward(x, xc, a, step_size, lambd)
-        # out is the next layer's input, kept alive anyway: saving it costs no memory, and its
-        # sign is the ReLU mask, so no pre-activation copy is stored.
-        ctx.save_for_backward(x if xc is None else xc, a, out)
-        ctx.step_size, ctx.separate = step_size, xc is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        xg, a, out = ctx.saved_tensors
-        return (*ista_apply_backward(xg, a, out, dout, ctx.step_size, ctx.separate), None, None)
-
-
-def ista_step_composed(apply, x: torch.Tensor, weight: torch.Tensor, step_size: float, lambd: float,
-                       compute_dtype: torch.dtype) -> torch.Tensor:
-    """The ISTA step from its two parts: the C x C operator (autograd) and an apply implementation."""
-    shape = x.shape
-    with torch.autocast(x.device.type, enabled=False):
-        a = ista_operator(weight).to(compute_dtype)
-        x2 = x.reshape(-1, shape[-1])
-        xc = None if compute_dtype == x.dtype else x2.to(compute_dtype)
-        out = apply(x2, xc, a, step_size, lambd)
-    return out.view(shape)
+    forward = staticmethod(ista_apply_forward)
+    setup_context = staticmethod(ista_apply_setup_context)
+    backward = staticmethod(ista_apply_backward)
 
 
 def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x: (..., C), weight: (C, C) -> (..., C) in x's dtype; the same function as ista_step_ref.
     GEMMs run in compute_dtype (default x's dtype); the operator is formed in the weight's dtype."""
-    return ista_step_composed(_ISTAApply.apply, x, weight, step_size, lambd, compute_dtype or x.dtype)
+    with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
+        x2, xc, a = ista_operands(x, weight, compute_dtype or x.dtype)
+        return _ISTAApply.apply(x2, xc, a, step_size, lambd).view(x.shape)

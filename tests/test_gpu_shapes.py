@@ -5,17 +5,11 @@ at the preset widths, fp32 and bf16, outputs and every gradient against a float6
 """
 import pytest
 import torch
+from harness import assert_2x_rule, assert_rel, check, check_all, run_grads
+
 from crate_fast.kernels import ista_step, ista_step_ref, mssa_attention, mssa_attention_ref
-from tolerances import assert_2x_rule, assert_rel
 
 pytestmark = pytest.mark.gpu
-
-
-def _run(fn, *inputs, grad):
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    out.backward(grad)
-    return [out.detach()] + [t.grad for t in inputs]
 
 
 @pytest.mark.parametrize("H,D", [(12, 48), (12, 64), (6, 64), (16, 128)], ids=["S", "B", "T", "d128"])
@@ -27,14 +21,10 @@ def test_mssa_full_shapes(H, D, N, dtype):
     B = 5
     w = torch.randn(B, N, H * D, device="cuda").view(B, N, H, D).transpose(1, 2).to(dtype)
     g = torch.randn(B, H, N, D, device="cuda").to(dtype)
-    got = _run(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
-    truth = _run(mssa_attention_ref, w.double(), grad=g.double())
-    plain = _run(mssa_attention_ref, w, grad=g)
-    for name, a, p, t in zip(("out", "dw"), got, plain, truth):
-        if dtype == torch.float32:
-            assert_rel(a, t, what=name)
-        else:
-            assert_2x_rule(a, p, t, what=name)
+    got = run_grads(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
+    truth = run_grads(mssa_attention_ref, w.double(), grad=g.double())
+    plain = run_grads(mssa_attention_ref, w, grad=g)
+    check_all(("out", "dw"), got, plain, truth)
 
 
 @pytest.mark.parametrize("C", [384, 576, 768, 1024])
@@ -43,14 +33,10 @@ def test_ista_full_shapes(C, dtype):
     from test_ista import make
     x, W = make((5, 197), C, torch.float64, "cuda")
     g = torch.randn(x.shape, device="cuda", dtype=torch.float64)
-    got = _run(lambda a, b: ista_step(a, b, impl="triton"), x.to(dtype), W.to(dtype), grad=g.to(dtype))
-    truth = _run(ista_step_ref, x, W, grad=g)
-    plain = _run(ista_step_ref, x.to(dtype), W.to(dtype), grad=g.to(dtype))
-    for name, a, p, t in zip(("out", "dx", "dW"), got, plain, truth):
-        if dtype == torch.float32:
-            assert_rel(a, t, what=name)
-        else:
-            assert_2x_rule(a, p, t, what=name)
+    got = run_grads(lambda a, b: ista_step(a, b, impl="triton"), x.to(dtype), W.to(dtype), grad=g.to(dtype))
+    truth = run_grads(ista_step_ref, x, W, grad=g)
+    plain = run_grads(ista_step_ref, x.to(dtype), W.to(dtype), grad=g.to(dtype))
+    check_all(("out", "dx", "dW"), got, plain, truth)
 
 
 @pytest.mark.parametrize("name", ["crate_small", "crate_base"])
@@ -73,13 +59,6 @@ def test_model_impls_agree_on_gpu(name):
             assert_2x_rule(out_lp, plain, truth, what=f"{impl} bf16")
 
 
-def check(got, plain, truth, what):
-    if got.dtype == torch.float32:
-        assert_rel(got, truth, what=what)
-    else:
-        assert_2x_rule(got, plain, truth, what=what)
-
-
 def test_every_admitted_config_is_correct():
     """Autotuning may pick any admitted config: each one must compute the right thing (N = 197 tail)."""
     from crate_fast.kernels import ista, mssa
@@ -91,16 +70,17 @@ def test_every_admitted_config_is_correct():
                 for D in (48, 64):
                     w = torch.randn(3, 197, 2 * D, device="cuda").view(3, 197, 2, D).transpose(1, 2).to(dtype)
                     g = torch.randn(3, 2, 197, D, device="cuda").to(dtype)
-                    got = _run(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
-                    truth = _run(mssa_attention_ref, w.double(), grad=g.double())
-                    plain = _run(mssa_attention_ref, w, grad=g)
-                    for a, p, t in zip(got, plain, truth):
+                    got = run_grads(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
+                    truth = run_grads(mssa_attention_ref, w.double(), grad=g.double())
+                    plain = run_grads(mssa_attention_ref, w, grad=g)
+                    for a, p, t in zip(got, plain, truth, strict=True):
                         check(a, p, t, f"mssa config {i} {dtype} D={D}")
                 x = torch.randn(3 * 197, 200, device="cuda")
                 W = torch.randn(200, 200, device="cuda") * 0.05
                 gx = torch.randn_like(x)
-                got = _run(lambda a, b: ista_step(a, b, impl="triton"), x.to(dtype), W.to(dtype), grad=gx.to(dtype))
-                truth = _run(ista_step_ref, x.double(), W.double(), grad=gx.double())
-                plain = _run(ista_step_ref, x.to(dtype), W.to(dtype), grad=gx.to(dtype))
-                for a, p, t in zip(got, plain, truth):
+                got = run_grads(lambda a, b: ista_step(a, b, impl="triton"), x.to(dtype), W.to(dtype),
+                                grad=gx.to(dtype))
+                truth = run_grads(ista_step_ref, x.double(), W.double(), grad=gx.double())
+                plain = run_grads(ista_step_ref, x.to(dtype), W.to(dtype), grad=gx.to(dtype))
+                for a, p, t in zip(got, plain, truth, strict=True):
                     check(a, p, t, f"ista config {i} {dtype}")

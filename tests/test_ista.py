@@ -2,8 +2,10 @@
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from harness import assert_2x_rule, assert_rel, check_all, run_grads
+from tolerances import AUTOCAST_ATOL, FP64_RTOL
+
 from crate_fast.kernels import ista_step, ista_step_ref
-from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
 
 # (leading shape, C): odd row counts, C off the block sizes, CRATE widths scaled down for the interpreter.
 SHAPES = [((3, 17), 64), ((65,), 48), ((2, 5, 7), 100), ((1, 1), 32), ((3, 65), 96)]
@@ -29,14 +31,6 @@ def make(lead, C, dtype, device, margin=0.25, step_size=0.1, lambd=0.1):
     return x.to(device, dtype), W.to(device, dtype)
 
 
-def run(fn, x, W, dout):
-    x = x.detach().clone().requires_grad_()
-    W = W.detach().clone().requires_grad_()
-    out = fn(x, W)
-    out.backward(dout)
-    return out.detach(), x.grad, W.grad
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lead,C", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -44,25 +38,21 @@ def test_ista_matches_reference(impl, lead, C, dtype):
     dev = device_for(impl)
     x, W = make(lead, C, dtype, dev)
     dout = torch.randn(x.shape, dtype=dtype, device=dev)
-    got = run(lambda a, b: ista_step(a, b, impl=impl), x, W, dout)
-    truth = run(ista_step_ref, x.double().cpu(), W.double().cpu(), dout.double().cpu())
-    plain = run(ista_step_ref, x.cpu(), W.cpu(), dout.cpu())          # plain PyTorch, same dtype
+    got = run_grads(lambda a, b: ista_step(a, b, impl=impl), x, W, grad=dout)
+    truth = run_grads(ista_step_ref, x.double().cpu(), W.double().cpu(), grad=dout.double().cpu())
+    plain = run_grads(ista_step_ref, x.cpu(), W.cpu(), grad=dout.cpu())     # plain PyTorch, same dtype
     assert 0.3 < (truth[0] > 0).double().mean() < 0.7, "test input should exercise both ReLU branches"
-    for name, g, p, t in zip(("out", "dx", "dW"), got, plain, truth):
-        assert g.dtype == dtype
-        if dtype == torch.float32:
-            assert_rel(g.cpu(), t, what=name)
-        else:
-            assert_2x_rule(g.cpu(), p, t, what=name)
+    assert all(g.dtype == dtype for g in got)
+    check_all(("out", "dx", "dW"), got, plain, truth)
 
 
 @pytest.mark.parametrize("lead,C", [((3, 17), 64), ((65,), 48)])
 def test_ista_torch_float64_is_exact(lead, C):
     x, W = make(lead, C, torch.float64, "cpu")
     dout = torch.randn(x.shape, dtype=torch.float64)
-    got = run(lambda a, b: ista_step(a, b, impl="torch"), x, W, dout)
-    ref = run(ista_step_ref, x, W, dout)
-    for name, g, r in zip(("out", "dx", "dW"), got, ref):
+    got = run_grads(lambda a, b: ista_step(a, b, impl="torch"), x, W, grad=dout)
+    ref = run_grads(ista_step_ref, x, W, grad=dout)
+    for name, g, r in zip(("out", "dx", "dW"), got, ref, strict=True):
         assert_rel(g, r, FP64_RTOL, name)
 
 
@@ -102,11 +92,11 @@ def test_ista_autocast_keeps_the_residual_stream_in_fp32(impl):
     dev = device_for(impl)
     x, W = make((3, 65), 96, torch.float64, dev)
     dout = torch.randn(x.shape, dtype=torch.float64, device=dev)
-    truth = run(ista_step_ref, x.cpu(), W.cpu(), dout.cpu())
+    truth = run_grads(ista_step_ref, x.cpu(), W.cpu(), grad=dout.cpu())
     got, plain = [], []
     for fn, res in ((lambda a, b: ista_step(a, b, impl=impl), got), (ista_step_ref, plain)):
         with torch.autocast(dev, dtype=torch.bfloat16):
-            res.extend(run(fn, x.float(), W.float(), dout.float()))
+            res.extend(run_grads(fn, x.float(), W.float(), grad=dout.float()))
     assert got[0].dtype == plain[0].dtype == torch.float32 and got[2].dtype == torch.float32
-    for name, g, p, t in zip(("out", "dx", "dW"), got, plain, truth):
-        assert_2x_rule(g.cpu(), p.cpu(), t, what=name, atol=1e-3)
+    for name, g, p, t in zip(("out", "dx", "dW"), got, plain, truth, strict=True):
+        assert_2x_rule(g, p, t, what=name, atol=AUTOCAST_ATOL)

@@ -2,8 +2,10 @@
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from harness import assert_rel, check_all, run_grads
+from tolerances import FP64_RTOL
+
 from crate_fast.kernels import mssa_attention, mssa_attention_ref
-from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
 
 # (B, H, N, D): odd B*H, N off every block size, head dims 48 (CRATE-S, padded in-kernel) and 64.
 SHAPES = [(1, 3, 17, 48), (3, 1, 65, 64), (1, 1, 1, 64), (1, 3, 80, 48), (1, 1, 197, 64), (3, 1, 65, 48)]
@@ -20,13 +22,6 @@ def head_split(B, H, N, D, dtype, device):
     return x.to(device=device, dtype=dtype).view(B, N, H, D).transpose(1, 2)
 
 
-def run(fn, w, do):
-    w = w.detach().clone().requires_grad_()  # clone keeps the strided layout
-    out = fn(w)
-    out.backward(do)
-    return out.detach(), w.grad
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -34,26 +29,21 @@ def test_mssa_matches_reference(impl, shape, dtype):
     dev = device_for(impl)
     w = head_split(*shape, dtype, dev)
     do = torch.randn(w.shape, dtype=dtype, device=dev)
-    out, dw = run(lambda t: mssa_attention(t, impl=impl), w, do)
-    out64, dw64 = run(lambda t: mssa_attention_ref(t), w.double().cpu(), do.double().cpu())
-    if dtype == torch.float32:
-        assert_rel(out.cpu(), out64, what="out")
-        assert_rel(dw.cpu(), dw64, what="dw")
-    else:
-        out_p, dw_p = run(lambda t: mssa_attention_ref(t), w.cpu(), do.cpu())   # plain PyTorch, same dtype
-        assert out.dtype == dw.dtype == dtype
-        assert_2x_rule(out.cpu(), out_p, out64, what="out")
-        assert_2x_rule(dw.cpu(), dw_p, dw64, what="dw")
+    got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=do)     # run_grads keeps w's strides
+    truth = run_grads(mssa_attention_ref, w.double().cpu(), grad=do.double().cpu())
+    plain = run_grads(mssa_attention_ref, w.cpu(), grad=do.cpu())          # plain PyTorch, same dtype
+    assert all(g.dtype == dtype for g in got)
+    check_all(("out", "dw"), got, plain, truth)
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 65, 64), (1, 3, 17, 48)])
 def test_mssa_torch_float64_is_exact(shape):
     w = head_split(*shape, torch.float64, "cpu")
     do = torch.randn(w.shape, dtype=torch.float64)
-    out, dw = run(lambda t: mssa_attention(t, impl="torch"), w, do)
-    out64, dw64 = run(mssa_attention_ref, w, do)
-    assert_rel(out, out64, FP64_RTOL, "out")
-    assert_rel(dw, dw64, FP64_RTOL, "dw")
+    got = run_grads(lambda t: mssa_attention(t, impl="torch"), w, grad=do)
+    ref = run_grads(mssa_attention_ref, w, grad=do)
+    for name, g, r in zip(("out", "dw"), got, ref, strict=True):
+        assert_rel(g, r, FP64_RTOL, name)
 
 
 def test_mssa_custom_scale_and_contiguous_input():

@@ -1,4 +1,5 @@
-"""The one tolerance table of the test suite (DESIGN §5).
+"""The one tolerance table of the test suite (docs/DESIGN.md §5). Literals only: the helpers that apply
+them live in harness.py.
 
 Truth is float64. fp32 paths: relative error (max |err| / max |truth|) <= 1e-5. Low-precision,
 matmul-bearing paths follow the FlashAttention rule: the fused error may be at most twice the error of
@@ -10,28 +11,14 @@ FP32_RTOL = 1e-5          # fp32 outputs vs float64 truth
 FP64_RTOL = 1e-10         # float64 reformulations vs float64 reference (differ only in rounding order)
 LOWP_FACTOR = 2.0         # the 2x rule
 LOWP_ATOL = {torch.bfloat16: 5e-3, torch.float16: 1e-3, torch.float32: 1e-6}  # x max|truth|
+AUTOCAST_ATOL = 1e-3      # 2x-rule slack (x max|truth|) for bf16 autocast around an fp32 residual stream
+BF16_HEAD_DIM_128_ATOL = 0.05   # absolute error of a bf16 attention at head dim 128 (unit-variance input)
 
-
-def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
-    assert x.shape == truth.shape, (x.shape, truth.shape)
-    assert torch.isfinite(x).all(), "non-finite values (unwritten or poisoned output?)"
-    return (x.double() - truth.double()).abs().max().item()
-
-
-def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
-    return max_err(x, truth) / max(truth.double().abs().max().item(), 1e-30)
-
-
-def assert_rel(x: torch.Tensor, truth: torch.Tensor, rtol: float = FP32_RTOL, what: str = "") -> None:
-    err = rel_err(x, truth)
-    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
-
-
-def assert_2x_rule(x: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, what: str = "",
-                   atol: float | None = None) -> None:
-    """err(x) <= 2 * err(plain PyTorch, same dtype) + atol, both against the float64 truth."""
-    atol = LOWP_ATOL.get(x.dtype, 1e-6) if atol is None else atol
-    scale = max(truth.double().abs().max().item(), 1.0)
-    e_x, e_plain = max_err(x, truth), max_err(plain, truth)
-    bound = LOWP_FACTOR * e_plain + atol * scale
-    assert e_x <= bound, f"{what}: error {e_x:.3e} > 2 x plain {e_plain:.3e} + atol ({bound:.3e})"
+# Statistics (coding rate, expansion rate) in fp32 against an independent float64 formula.
+STATS_RTOL, STATS_ATOL = 1e-5, 1e-4
+# Attention maps on a resized input: fp32 interpolation + softmax against a float64 twin.
+MAPS_RTOL, MAPS_ATOL = 1e-4, 1e-5
+# Lion vs lion-pytorch: the same fp32 update, differently fused.
+LION_ATOL = 1e-6
+# uint8 -> normalized pixels: fp32 is a few ulp; bf16 at most half a bf16 ulp (2^-8 relative) on top.
+NORMALIZE_TOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}
