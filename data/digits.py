@@ -32,26 +32,15 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (rgb[train], labels[train]), "val": (rgb[val], labels[val])}
 
 
-class ArrayDataset:
-    """Indexed (HxWx3 uint8 array, label) pairs over in-memory arrays."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
 def digits_betons(cache_dir: str) -> dict[str, str]:
     """Paths of the digits train/val .beton files, written into cache_dir on first use."""
+    from .datasets import Images
     from .write_ffcv import write_beton
 
     paths = {split: os.path.join(cache_dir, f"digits-v{VERSION}-{split}.beton") for split in ("train", "val")}
     if not all(os.path.exists(p) for p in paths.values()):
         for split, (images, labels) in digits_arrays().items():
             # Raw pixels: tiny images decode fastest uncompressed, and nothing is lost.
-            write_beton(ArrayDataset(images, labels), paths[split], max_resolution=None, compress_probability=0.0)
+            write_beton(Images(list(zip(images, labels, strict=True))), paths[split], max_resolution=None,
+                        compress_probability=0.0)
     return paths

@@ -4,28 +4,32 @@
     for images, labels in train:      # images: (B, 3, S, S) in `dtype`, channels_last, on `device`
         ...
 
-Train: RandomResizedCrop decode (+ optional horizontal flip). Val: center crop of ratio 224/256.
-Under torchrun (distributed=True) every rank reads its own shard: a seeded permutation shared by the
-ranks, split rank::world. Validation shards cover each sample exactly once; training shards are cut
-to equal length (so DDP ranks take the same number of steps), dropping at most world - 1 samples an
-epoch, different ones each epoch.
+Crop options use timm's names: training decodes a RandomResizedCrop (`scale`: the range of the crop's
+area fraction, `ratio`: the range of its aspect ratio) with an optional horizontal flip; evaluation a
+center crop of `crop_pct` (224/256 by default) of the short side, resized to img_size. A training
+loader may also take a `batch_transform` (e.g. augment.RandAugment) that runs on the uint8 batch on
+the device, before normalization. Under torchrun (distributed=True) every rank reads its own shard
+of the one order of sharding.py, the same order the torchvision fallback reads.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from . import sharding
 from ._ffcv import require_ffcv
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-DEFAULT_CROP_RATIO = 224 / 256
+DEFAULT_CROP_PCT = 224 / 256
 
 
 def check_beton(path: str) -> None:
-    """A clear error for a missing, empty, truncated or foreign file, before FFCV reads it."""
+    """A clear error for a missing, empty, truncated or foreign file, before FFCV reads it:
+    FileNotFoundError when missing, ValueError otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist (write one with python -m crate_fast.data.write_ffcv)")
     require_ffcv()
@@ -46,9 +50,24 @@ def check_beton(path: str) -> None:
         raise ValueError(f"{path!r} holds no samples")
 
 
+def _check_center_crop(path: str, crop_pct: float) -> None:
+    """ValueError if an image of the .beton is too small for a center crop of crop_pct: FFCV would
+    crop int(crop_pct * short side) = 0 pixels, and OpenCV then aborts the whole process."""
+    from ffcv.reader import Reader
+
+    reader = Reader(path)
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+    short = np.minimum(meta["height"], meta["width"]).astype(np.float64)
+    thin = int(np.count_nonzero((crop_pct * short).astype(np.int64) == 0))
+    if thin:
+        raise ValueError(f"{path!r}: {thin} images have a short side of {int(short.min())} px, too small for a "
+                         f"center crop of crop_pct={crop_pct}; rewrite the file with python -m "
+                         "crate_fast.data.write_ffcv (it leaves such images out) or raise crop_pct")
+
+
 def _shards(shuffle: bool, seed: int, distributed: bool, equal: bool):
-    """A TraversalOrder for FFCV: a per-epoch seeded permutation shared by all ranks, split rank::world
-    (see the module docstring). FFCV takes an order *instance* and calls it with the loader."""
+    """A TraversalOrder for FFCV: sharding.shard_indices of the loader's samples at each epoch, this
+    rank's shard. FFCV takes an order *instance* and calls it with the loader."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class Shards(TraversalOrder):
@@ -60,21 +79,11 @@ def _shards(shuffle: bool, seed: int, distributed: bool, equal: bool):
             return Shards(loader)
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            rank, world = _rank_world() if distributed else (0, 1)
-            idx = np.asarray(self.indices)
-            if shuffle:
-                idx = np.random.default_rng((seed, epoch)).permutation(idx)
-            if equal:
-                idx = idx[: len(idx) // world * world]
-            return idx[rank::world]
+            rank, world = sharding.rank_world() if distributed else (0, 1)
+            return sharding.shard_indices(self.indices, epoch=epoch, shuffle=shuffle, seed=seed, rank=rank,
+                                          world=world, equal=equal)
 
     return Shards()
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class Normalize:
@@ -98,11 +107,13 @@ class Normalize:
 
 
 class NormalizingLoader:
-    """Iterates `loader`'s (uint8 images, labels) batches, moving them to the device and normalizing
-    the images there. Shared by the FFCV loaders and the torchvision fallback."""
+    """Iterates `loader`'s (uint8 (B, 3, H, W) images, labels) batches, moving them to the device,
+    applying batch_transform there (uint8 in, uint8 of the same shape out; training loaders only, e.g.
+    augment.RandAugment) and then normalizing. Labels come out int64 (B,). Images and labels are fresh
+    memory, never the source's reused buffers. Shared by the FFCV loaders and the torchvision fallback."""
 
-    def __init__(self, loader, device, dtype, mean, std):
-        self.loader, self.device = loader, torch.device(device)
+    def __init__(self, loader, device, dtype, mean, std, batch_transform: Callable | None = None):
+        self.loader, self.device, self.batch_transform = loader, torch.device(device), batch_transform
         self.normalize = Normalize(device, dtype, mean, std)
         self.mean, self.std = self.normalize.mean, self.normalize.std
 
@@ -111,14 +122,17 @@ class NormalizingLoader:
 
     def __iter__(self):
         for images, labels in self.loader:
-            yield self.normalize(images), labels.to(self.device, non_blocking=True).long().view(-1)
+            if self.batch_transform is not None:
+                images = self.batch_transform(images.to(self.device, non_blocking=True))
+            # copy=True: on the CPU .to() / .long() would hand out FFCV's label buffer, which it reuses.
+            yield self.normalize(images), labels.to(self.device, torch.long, non_blocking=True, copy=True).view(-1)
 
 
 class DeviceLoader(NormalizingLoader):
     """An FFCV loader's batches on the device, normalized."""
 
-    def __init__(self, loader, device, dtype, mean, std, decoder=None):
-        super().__init__(loader, device, dtype, mean, std)
+    def __init__(self, loader, device, dtype, mean, std, decoder=None, batch_transform: Callable | None = None):
+        super().__init__(loader, device, dtype, mean, std, batch_transform)
         self.decoder = decoder
 
     @property
@@ -153,12 +167,16 @@ def train_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers
                  device: str | torch.device = "cpu", distributed: bool = False, seed: int = 0,
                  dtype: torch.dtype = torch.float32, flip: bool = True, scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), os_cache: bool = True, drop_last: bool = True,
-                 progressive: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DeviceLoader:
-    """Training batches from a .beton: RandomResizedCrop(img_size, scale, ratio) decode, flip.
+                 progressive: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 batch_transform: Callable | None = None) -> DeviceLoader:
+    """Training batches from a .beton: RandomResizedCrop(img_size, scale, ratio) decode, flip, then
+    batch_transform on the device's uint8 batch, then normalization: (B, 3, img_size, img_size) in
+    `dtype`, channels_last, and int64 labels (B,).
 
     os_cache=True reads through the page cache (fast when the file fits in RAM); False streams with
     FFCV's own cache. progressive=True allows set_resolution() between epochs (recompiles the pipeline).
     num_workers: FFCV's decoding threads (at most the core count); PyTorch's own thread count is kept.
+    Raises FileNotFoundError / ValueError for a missing or unreadable file (check_beton) or batch_size <= 0.
     """
     require_ffcv()
     from ffcv.fields.basics import IntDecoder
@@ -171,27 +189,30 @@ def train_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers
     order = _shards(shuffle=True, seed=seed, distributed=distributed, equal=True)
     loader = _loader(path, batch_size, num_workers or os.cpu_count() or 1, pipelines, order, drop_last, os_cache,
                      seed, recompile=progressive)
-    return DeviceLoader(loader, device, dtype, mean, std, decoder)
+    return DeviceLoader(loader, device, dtype, mean, std, decoder, batch_transform)
 
 
 def val_loader(path: str, *, batch_size: int, img_size: int = 224, num_workers: int | None = None,
                device: str | torch.device = "cpu", distributed: bool = False, seed: int = 0,
-               dtype: torch.dtype = torch.float32, crop_ratio: float = DEFAULT_CROP_RATIO, os_cache: bool = True,
+               dtype: torch.dtype = torch.float32, crop_pct: float = DEFAULT_CROP_PCT, os_cache: bool = True,
                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DeviceLoader:
-    """Evaluation batches: center crop (ratio 224/256 of the short side) resized to img_size, every
-    sample exactly once across ranks."""
+    """Evaluation batches: the center crop_pct of the short side (224/256 by default) resized to
+    img_size, every sample exactly once across ranks; shapes and dtypes as train_loader's.
+    Raises ValueError for crop_pct outside (0, 1] or an image too small for that crop
+    (_check_center_crop), and like train_loader for a bad file."""
     require_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
-    if not 0 < crop_ratio <= 1:
-        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-    image = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_ratio), ToTensor(),
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    # FFCV calls the center crop's fraction `ratio`; here that name is the RandomResizedCrop aspect range.
+    image = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct), ToTensor(),
              ToTorchImage(channels_last=True)]
     pipelines = {"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]}
     order = _shards(shuffle=False, seed=seed, distributed=distributed, equal=False)
     loader = _loader(path, batch_size, num_workers or os.cpu_count() or 1, pipelines, order, False, os_cache,
                      seed, recompile=False)
+    _check_center_crop(path, crop_pct)          # after _loader: check_beton has vouched for the file
     return DeviceLoader(loader, device, dtype, mean, std)
-

@@ -4,29 +4,41 @@
 - ``synthetic``: random tensors on the device, for benchmarks;
 - a directory holding ``train.beton`` and ``val.beton``;
 - a directory holding ``train/`` and ``val/`` ImageFolders (converted to .beton in the cache on first
-  use, reused afterwards; corrupt images are skipped and listed);
+  use, reused while neither folder changes; images that cannot be stored are skipped and listed). The
+  cache entry is keyed by the folders' contents (every file's relative name, size and modification
+  time, both splits) and the conversion's version: a folder that changed is converted again (saying
+  so), and the outdated entry removed;
 - ``cifar10``, ``cifar100``, ``flowers102``, ``pets``: torchvision's data sets, downloaded into
   --data-root, or read from there when already on disk.
 
-loader="ffcv" (default) or "torchvision" (no FFCV needed; slower).
+loader="ffcv" (default) or "torchvision" (no FFCV needed; slower). Both read the same samples in the
+same order for the same seed (sharding.py).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ._ffcv import require_ffcv
+from .loaders import DEFAULT_CROP_PCT
 
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "pets": 37}
+# Bump when the conversion of image folders changes, so that entries written before are converted again
+# (2: EXIF orientation applied, 16-bit and float images by their range, too-thin images left out).
+FOLDER_CONVERSION = 2
+FOLDER_MAX_RESOLUTION = 256      # FFCV's ImageNet recipe: longest side stored
 DEFAULT_CACHE = os.environ.get("CRATE_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "crate_fast"))
 
 
 @dataclass
 class Loaders:
+    """build_loaders' result: the training and evaluation loaders and the class count."""
+
     train: object
     val: object
     num_classes: int
@@ -34,6 +46,11 @@ class Loaders:
 
 @dataclass
 class LoaderOptions:
+    """What build_loaders makes. Crop options use timm's names: `scale` (area fraction range) and
+    `ratio` (aspect ratio range) of the training RandomResizedCrop, `crop_pct` of the evaluation center
+    crop. batch_transform: applied to the training batches on the device, uint8 before normalization
+    (e.g. augment.RandAugment(2, 14)); None for none."""
+
     batch_size: int
     img_size: int
     num_workers: int
@@ -44,7 +61,8 @@ class LoaderOptions:
     flip: bool = True
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
-    crop_ratio: float = 224 / 256
+    crop_pct: float = DEFAULT_CROP_PCT
+    batch_transform: Callable | None = None
     val_batch_size: int | None = None
     progressive: bool = False
     os_cache: bool = True
@@ -67,6 +85,7 @@ def kind_of(data: str) -> str:
 
 
 def beton_num_classes(path: str) -> int:
+    """1 + the largest label stored in the .beton at path."""
     require_ffcv()
     from ffcv.reader import Reader
 
@@ -98,36 +117,6 @@ def _torchvision_set(name: str, root: str, train: bool):
                            f"(or pass --data-root DIR).") from e
 
 
-class _PILToArray:
-    """Adapts a (PIL image, label) data set to FFCV's writer: (H, W, 3) uint8 arrays."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        img, label = self.ds[i]
-        return np.asarray(img.convert("RGB"), dtype=np.uint8), int(label)
-
-
-class _ArrayToPIL(torch.utils.data.Dataset):
-    """The other way round, for torchvision transforms: (uint8 array, label) -> (PIL image, label)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        arr, label = self.ds[i]
-        return Image.fromarray(arr), label
-
-
 def _folder_classes(data: str) -> list[str]:
     """The class list of DATA/train and DATA/val, which must agree (labels are positions in it)."""
     from .write_ffcv import class_names
@@ -140,69 +129,105 @@ def _folder_classes(data: str) -> list[str]:
     return train
 
 
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, ds, transform):
-        self.ds, self.transform = ds, transform
+def _say_skipped(split: str, scan) -> None:
+    if scan.skipped:
+        path, why = scan.skipped[0]
+        print(f"[data] {split}: skipped {len(scan.skipped)} files that cannot be stored, e.g. {path} ({why})")
 
-    def __len__(self):
-        return len(self.ds)
 
-    def __getitem__(self, i):
-        img, label = self.ds[i]
-        return self.transform(img), label
+def _folder_betons(data: str, cache_dir: str) -> tuple[dict, int]:
+    """train/val .beton paths of a train/ + val/ ImageFolder pair, converted into a cache entry keyed by
+    the folders' contents (see the module docstring), and the class count."""
+    from .write_ffcv import folder_fingerprint, write_image_folder
+
+    n = len(_folder_classes(data))
+    content = hashlib.sha256(f"{FOLDER_CONVERSION}:{FOLDER_MAX_RESOLUTION}".encode())
+    for split in ("train", "val"):
+        content.update(folder_fingerprint(os.path.join(data, split)).encode())
+    prefix = "folder-" + hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:12]
+    entry = os.path.join(cache_dir, f"{prefix}-{content.hexdigest()[:16]}")
+    paths = {s: os.path.join(entry, f"{s}.beton") for s in ("train", "val")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths, n
+    # Earlier entries of this folder (any other contents; the bare prefix is the old, path-only key).
+    older = sorted(os.path.join(cache_dir, e) for e in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
+                   if e.startswith(prefix) and os.path.join(cache_dir, e) != entry)
+    if older:
+        print(f"[data] {data} changed since it was converted (files added, removed or rewritten, or a newer "
+              f"conversion): converting it again into {entry}")
+    else:
+        print(f"[data] converting {data} into {entry}")
+    for split in ("train", "val"):
+        _say_skipped(split, write_image_folder(os.path.join(data, split), paths[split],
+                                               max_resolution=FOLDER_MAX_RESOLUTION))
+    for old in older:
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"[data] removed the outdated conversion {old}")
+    return paths, n
 
 
 def _betons(data: str, kind: str, cache_dir: str, data_root: str) -> tuple[dict, int]:
-    """train/val .beton paths for any non-synthetic source, converting into cache_dir on first use."""
+    """train/val .beton paths for any non-synthetic source, converting into cache_dir on first use,
+    and the class count."""
+    from .datasets import Images
     from .digits import NUM_CLASSES, digits_betons
-    from .write_ffcv import write_beton, write_image_folder
+    from .write_ffcv import write_beton
 
     if kind == "digits":
         return digits_betons(cache_dir), NUM_CLASSES
     if kind == "beton_dir":
         paths = {s: os.path.join(data, f"{s}.beton") for s in ("train", "val")}
         return paths, beton_num_classes(paths["train"])
-    digest = hashlib.sha1(os.path.abspath(data).encode()).hexdigest()[:12]
-    key = kind if kind in TORCHVISION_SETS else f"folder-{digest}"
-    paths = {s: os.path.join(cache_dir, key, f"{s}.beton") for s in ("train", "val")}
-    n = TORCHVISION_SETS.get(kind) or len(_folder_classes(data))
+    if kind == "image_folder":
+        return _folder_betons(data, cache_dir)
+    paths = {s: os.path.join(cache_dir, kind, f"{s}.beton") for s in ("train", "val")}
     if not all(os.path.exists(p) for p in paths.values()):
         for split in ("train", "val"):
-            if kind in TORCHVISION_SETS:
-                write_beton(_PILToArray(_torchvision_set(kind, data_root, split == "train")), paths[split],
-                            max_resolution=256, workers=os.cpu_count() or 1)
-            else:
-                scan = write_image_folder(os.path.join(data, split), paths[split])
-                if scan.skipped:
-                    print(f"[data] {split}: skipped {len(scan.skipped)} unreadable files, e.g. {scan.skipped[0]}")
-    return paths, n
+            write_beton(Images(_torchvision_set(kind, data_root, split == "train")), paths[split],
+                        max_resolution=256, workers=os.cpu_count() or 1)
+    return paths, TORCHVISION_SETS[kind]
 
 
-def _torchvision_datasets(data: str, kind: str, data_root: str):
-    from .digits import ArrayDataset, digits_arrays
-    from .write_ffcv import ImageFiles, scan_image_folder
+def _sources(data: str, kind: str, data_root: str) -> tuple[dict, int]:
+    """{split: indexed (image, label) pairs} for the torchvision loader (see datasets.Images), and the
+    class count. Image folders list the same samples as their FFCV conversion."""
+    from .digits import digits_arrays
+    from .write_ffcv import scan_image_folder
 
     if kind == "digits":
         arrays = digits_arrays()
-        return {s: _ArrayToPIL(ArrayDataset(*arrays[s])) for s in ("train", "val")}, 10
+        return {s: list(zip(*arrays[s], strict=True)) for s in ("train", "val")}, 10
     if kind in TORCHVISION_SETS:
         return {s: _torchvision_set(kind, data_root, s == "train") for s in ("train", "val")}, TORCHVISION_SETS[kind]
     if kind == "image_folder":
         classes = _folder_classes(data)
-        sets = {s: _ArrayToPIL(ImageFiles(scan_image_folder(os.path.join(data, s)).samples)) for s in ("train", "val")}
+        sets = {}
+        for s in ("train", "val"):
+            scan = scan_image_folder(os.path.join(data, s), max_resolution=FOLDER_MAX_RESOLUTION)
+            _say_skipped(s, scan)
+            sets[s] = scan.samples
         return sets, len(classes)
     raise ValueError(f"--loader torchvision cannot read {kind} data; use --loader ffcv")
 
 
 def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache_dir: str = DEFAULT_CACHE,
                   data_root: str | None = None) -> Loaders:
-    """(train, val) loaders and the class count for a --data value (see the module docstring)."""
+    """(train, val) loaders and the class count for a --data value (see the module docstring).
+
+    Raises FileNotFoundError / ValueError for a --data value that is not a source (kind_of), train/
+    and val/ folders with different classes, an unknown loader, or a batch_transform with synthetic
+    data (random floats, not images); RuntimeError when a conversion fails or a torchvision data set
+    is missing and cannot be downloaded.
+    """
     from . import fallback, loaders
+    from .datasets import Images
 
     kind = kind_of(data)
     data_root = data_root or os.path.join(cache_dir, "datasets")
     vbs = opts.val_batch_size or opts.batch_size
     if kind == "synthetic":
+        if opts.batch_transform is not None:
+            raise ValueError("batch_transform needs uint8 images; synthetic batches are random floats")
         make = lambda steps: fallback.SyntheticLoader(  # noqa: E731
             batch_size=opts.batch_size, img_size=opts.img_size, num_classes=opts.num_classes, steps=steps,
             device=opts.device, dtype=opts.dtype, seed=opts.seed)
@@ -213,17 +238,17 @@ def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache
         paths, n = _betons(data, kind, cache_dir, data_root)
         train = loaders.train_loader(paths["train"], batch_size=opts.batch_size, img_size=opts.img_size,
                                      flip=opts.flip, scale=opts.scale, ratio=opts.ratio, os_cache=opts.os_cache,
-                                     progressive=opts.progressive, **common)
-        val = loaders.val_loader(paths["val"], batch_size=vbs, img_size=opts.img_size, crop_ratio=opts.crop_ratio,
+                                     progressive=opts.progressive, batch_transform=opts.batch_transform, **common)
+        val = loaders.val_loader(paths["val"], batch_size=vbs, img_size=opts.img_size, crop_pct=opts.crop_pct,
                                  os_cache=opts.os_cache, **common)
         return Loaders(train, val, n)
     if loader != "torchvision":
         raise ValueError(f"loader must be 'ffcv' or 'torchvision', got {loader!r}")
-    sets, n = _torchvision_datasets(data, kind, data_root)
+    sources, n = _sources(data, kind, data_root)
     tr = fallback.train_transform(opts.img_size, opts.scale, opts.ratio, opts.flip)
-    va = fallback.val_transform(opts.img_size, opts.crop_ratio)
-    train = fallback.TorchvisionLoader(_Transformed(sets["train"], tr), batch_size=opts.batch_size, train=True,
-                                       drop_last=True, **common)
-    val = fallback.TorchvisionLoader(_Transformed(sets["val"], va), batch_size=vbs, train=False, drop_last=False,
-                                     **common)
+    va = fallback.val_transform(opts.img_size, opts.crop_pct)
+    train = fallback.TorchvisionLoader(Images(sources["train"], "pil", tr), batch_size=opts.batch_size, train=True,
+                                       drop_last=True, batch_transform=opts.batch_transform, **common)
+    val = fallback.TorchvisionLoader(Images(sources["val"], "pil", va), batch_size=vbs, train=False,
+                                     drop_last=False, **common)
     return Loaders(train, val, n)
