@@ -37,7 +37,7 @@ setup() {
     local extras="dev,bench"
     if system_packages; then extras="dev,bench,data"; fi
     if [ ! -x "$VENV/bin/python" ]; then
-        "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 9), "crate-fast needs Python >= 3.9"'
+        "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "crate-fast needs Python >= 3.10"'
         say "creating $VENV with $("$PYTHON" --version)"
         "$PYTHON" -m venv "$VENV"
     fi

@@ -12,11 +12,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
-    packages=["crate_fast", "crate_fast.analysis", "crate_fast.kernels", "crate_fast.data"],
+    python_requires=">=3.10",
+    packages=["crate_fast", "crate_fast.analysis", "crate_fast.models", "crate_fast.kernels", "crate_fast.data"],
     package_dir={
         "crate_fast": "crate_fast",
         "crate_fast.analysis": "crate_fast/analysis",
+        "crate_fast.models": "crate_fast/models",
         "crate_fast.kernels": "kernels",
         "crate_fast.data": "data",
     },
@@ -24,6 +25,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
+        "safetensors",
         "tqdm",
     ],
     extras_require={

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _common import CUDA, DEVICE, annotate, capture_stream, run_graphed
+
 from crate_fast.kernels import ista_step, mssa_attention
 from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref
 from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch

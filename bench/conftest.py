@@ -1,4 +1,4 @@
-"""`pytest bench/`: throughput comparisons, measured side by side in one run (DESIGN §6).
+"""`pytest bench/`: throughput comparisons, measured side by side in one run (docs/DESIGN.md §6).
 
 CPU runs use small shapes and are read as ratios; CUDA runs use the CRATE presets at 224 px and give
 absolute numbers. Results go to bench/results/<device>_torch<v>_triton<v>[_<files>].json unless

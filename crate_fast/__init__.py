@@ -1,15 +1,15 @@
-"""crate-fast: the fastest faithful CRATE (Coding RAte reduction TransformEr, Yu et al. NeurIPS 2023).
+"""crate-fast: the fastest faithful CRATE family (white-box transformers) in PyTorch + Triton.
 
 >>> import crate_fast
 >>> model = crate_fast.create_model("crate_base", impl="auto")      # triton on CUDA, torch elsewhere
->>> crate_fast.load_official_state_dict(model, "CRATE_base.pth")     # official checkpoints, strict
+>>> crate_fast.load_official_state_dict(model, "CRATE_base.pth")     # official checkpoints, strict, safe
 """
 from . import layers
-from .checkpoint import load_official_state_dict, to_official_state_dict
-from .config import CRATEConfig
-from .model import CRATE
-from .registry import create_model, get_config, list_models
+from .checkpoint import load_official_state_dict, load_weights, read_checkpoint, to_official_state_dict
+from .kernels import IMPLS
+from .models import CRATE, CRATEConfig
+from .registry import FAMILIES, create_model, get_config, list_models
 
 __version__ = "0.1.0"
-__all__ = ["CRATE", "CRATEConfig", "create_model", "get_config", "list_models", "layers",
-           "load_official_state_dict", "to_official_state_dict"]
+__all__ = ["CRATE", "CRATEConfig", "FAMILIES", "IMPLS", "create_model", "get_config", "layers", "list_models",
+           "load_official_state_dict", "load_weights", "read_checkpoint", "to_official_state_dict"]

@@ -20,41 +20,42 @@ import sys
 import numpy as np
 import torch
 
-from . import create_model, load_official_state_dict
+from . import create_model, load_weights
 from .analysis import attention_maps, layer_stats, patch_features, pca_rgb, threshold_masks
+from .checkpoint import read_checkpoint, unwrap_state_dict
+from .progress import Progress
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "hubble_deep_field"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_model(path: str, arch: str | None, img_size: int, patch_size: int):
-    """A crate-fast checkpoint (train.py's last.pt / best.pt) or an official one (needs --arch)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--ckpt {path!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj \
-        and any(k.startswith("blocks.") for k in obj["model"])
-    if ours:
-        cfg = obj["config"]
-        sd = obj["model"]
-        model = create_model(arch or cfg["arch"], num_classes=sd["head.weight"].shape[0], img_size=cfg["img_size"],
-                             patch_size=cfg["patch_size"], pool=cfg.get("pool", "cls"))
-        model.load_state_dict(sd)
-        return model, cfg.get("data")
-    if arch is None:
-        raise ValueError("an official checkpoint needs --arch (e.g. crate_small) and, if not 224/16, "
-                         "--img-size/--patch-size")
-    from .checkpoint import unwrap_state_dict
-
+def load_model(path: str, arch: str | None, img_size: int, patch_size: int, *, trusted: bool = False):
+    """(model, the --data it was trained on or None) from a train.py run checkpoint (last.pt / best.pt,
+    which records its arch and sizes), or from other weights (official, or a bare state_dict) given
+    --arch and the sizes. Files are read safely (crate_fast.read_checkpoint). Raises FileNotFoundError,
+    ValueError, RuntimeError (crate_fast.checkpoint's errors)."""
+    obj = read_checkpoint(path, trusted=trusted)
     sd = unwrap_state_dict(obj)
-    model = create_model(arch, num_classes=sd["mlp_head.1.weight"].shape[0], img_size=img_size, patch_size=patch_size)
-    load_official_state_dict(model, sd)
-    return model, None
+    run = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
+    if run is not None:
+        arch, img_size, patch_size = arch or run["arch"], run["img_size"], run["patch_size"]
+    elif arch is None:
+        raise ValueError(f"{path!r} is not a train.py run checkpoint: pass --arch (e.g. crate_small) and, "
+                         "if not 224/16, --img-size/--patch-size")
+    head = sd.get("head.weight", sd.get("mlp_head.1.weight"))
+    if head is None:
+        raise ValueError(f"{path!r} has no classifier weights (head.weight or mlp_head.1.weight)")
+    model = create_model(arch, num_classes=head.shape[0], img_size=img_size, patch_size=patch_size,
+                         **({"pool": run.get("pool", "cls")} if run else {}))
+    load_weights(model, sd)
+    return model, run.get("data") if run else None
 
 
 def load_images(spec: list[str] | None, size: int) -> tuple[torch.Tensor, np.ndarray]:
     """(normalized batch (B, 3, size, size), uint8 pictures (B, size, size, 3) for display)."""
     from PIL import Image
+
+    from .data import load_rgb
 
     if spec == ["digits"]:
         from .data.digits import digits_arrays
@@ -65,7 +66,7 @@ def load_images(spec: list[str] | None, size: int) -> tuple[torch.Tensor, np.nda
         pics = []
         for path in spec:
             try:
-                pics.append(Image.open(path).convert("RGB"))
+                pics.append(Image.fromarray(load_rgb(path)))      # upright, any PIL mode, 8-bit RGB
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read image {path!r}: {e}") from e
     else:
@@ -97,6 +98,18 @@ def _plot_curve(stats: list[dict], key: str, ylabel: str, path: str, title: str)
     plt.close(fig)
 
 
+def overlay(ax, picture: np.ndarray, heat: np.ndarray | None = None, cmap: str = "inferno") -> None:
+    """Draw an (H, W, 3) picture and, over it, a (h, w) map stretched to the same pixel grid.
+
+    Both images get the extent (0, W, H, 0): matplotlib's default extent for the picture is shifted by
+    half a pixel from any explicit one, which left a strip of picture uncovered along the right and
+    bottom edges of every map."""
+    extent = (0, picture.shape[1], picture.shape[0], 0)
+    ax.imshow(picture, extent=extent)
+    if heat is not None:
+        ax.imshow(heat, cmap=cmap, alpha=0.6, extent=extent, interpolation="nearest")
+
+
 def _plot_heads(picture: np.ndarray, maps: np.ndarray, path: str, title: str, cmap: str = "inferno") -> None:
     import matplotlib
 
@@ -109,14 +122,11 @@ def _plot_heads(picture: np.ndarray, maps: np.ndarray, path: str, title: str, cm
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.9 * rows), dpi=110, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    axes.flat[0].imshow(picture)
+    overlay(axes.flat[0], picture)
     axes.flat[0].set_title("input", fontsize=8)
     for h in range(heads):
-        ax = axes.flat[h + 1]
-        ax.imshow(picture)
-        ax.imshow(maps[h], cmap=cmap, alpha=0.6, extent=(0, picture.shape[1], picture.shape[0], 0),
-                  interpolation="nearest")
-        ax.set_title(f"head {h}", fontsize=8)
+        overlay(axes.flat[h + 1], picture, maps[h], cmap)
+        axes.flat[h + 1].set_title(f"head {h}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -145,11 +155,9 @@ def _plot_pca(pictures: np.ndarray, rgb: np.ndarray, path: str) -> None:
 def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, layer: int = -1, tau: float = 0.6,
             device: str = "cpu", progress: bool = True) -> dict:
     """Compute everything and write every file into `out`. Returns the stats.json content."""
-    from tqdm import tqdm
-
     os.makedirs(out, exist_ok=True)
     model = model.to(device).eval()
-    steps = tqdm(total=4 + len(images), desc="analyzing", disable=not progress)
+    steps = Progress(4 + len(images), "analyzing", every=1, enabled=progress)
     stats = layer_stats(model, images)
     steps.update(1)
     _plot_curve(stats, "coding_rate", "coding rate $R^c$", os.path.join(out, "coding_rate.png"),
@@ -188,14 +196,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=-1, help="layer for attention maps and PCA (0-based)")
     ap.add_argument("--tau", type=float, default=0.6, help="attention mass kept by the masks")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow a checkpoint whose loading runs code from the file (only for files you trust)")
     args = ap.parse_args(argv)
     try:
-        model, data = load_model(args.ckpt, args.arch, args.img_size, args.patch_size)
+        model, data = load_model(args.ckpt, args.arch, args.img_size, args.patch_size, trusted=args.trust_checkpoint)
         size = args.size or model.config.img_size[0]
         if size % model.config.patch_size[0]:
             raise ValueError(f"--size {size} is not divisible by the patch size {model.config.patch_size[0]}")
         images, pictures = load_images(args.images, size)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if data == "digits" and args.images is None:

@@ -1,82 +1,91 @@
-"""Import and export of official CRATE checkpoints (Ma-Lab-Berkeley/CRATE ``model/crate.py`` keys).
+"""The one place weights enter or leave a model: safe file reading, official key layouts, strict loading.
 
-Loading is strict: any missing key, unexpected key or shape mismatch raises one error that lists
-them all. The official finetune.py loads with strict=False under a 'module.' prefix mismatch and
-silently keeps random weights; this never does.
+- :func:`read_checkpoint`: a ``.pt`` / ``.pth`` file through ``torch.load(weights_only=True)`` (tensors and
+  plain containers only: nothing in the file runs) or a ``.safetensors`` file. A pickle that needs more
+  is refused with an error naming the file and the opt-in for a file the user trusts.
+- :func:`load_weights`: any weights for a crate_fast model (our own run checkpoints and state_dicts, or
+  the official layout of the model's family), unwrapping the usual containers and prefixes.
+- :func:`load_official_state_dict` / :func:`to_official_state_dict`: the official layout, both ways.
+
+Loading is strict: a missing key, an unexpected key or a shape mismatch raises one error listing them
+all, and nothing is loaded. (The official finetune.py loads with strict=False under a 'module.' prefix
+mismatch and silently keeps random weights; this never does.)
 """
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
+import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from .layers import resample_pos_embed
-from .model import CRATE
 
-# crate_fast name <-> official name. Block-level parts are mapped inside transformer.layers.{i}.
-_TOP = {
-    "cls_token": "cls_token",
-    "pos_embed": "pos_embedding",
-    "patch_embed.norm_in.": "to_patch_embedding.1.",
-    "patch_embed.proj.": "to_patch_embedding.2.",
-    "patch_embed.norm_out.": "to_patch_embedding.3.",
-    "head_norm.": "mlp_head.0.",
-    "head.": "mlp_head.1.",
-}
-_BLOCK = {
-    "norm1.": "0.norm.",
-    "attn.qkv.": "0.fn.qkv.",
-    "attn.out.": "0.fn.to_out.0.",
-    "norm2.": "1.norm.",
-    "ista.": "1.fn.",
-}
-_OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-_OFFICIAL_BLOCK = re.compile(r"^transformer\.layers\.(\d+)\.(.*)$")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")   # DataParallel/DDP, torch.compile
+_WRAPPERS = ("state_dict", "model")            # main.py / train.py and FAIR MAE / the demo notebooks
+_STRIP_PREFIXES = ("module.", "_orig_mod.")    # DataParallel/DDP, torch.compile
 
 
-def _translate(key: str, top: dict[str, str], block: dict[str, str], block_re: re.Pattern,
-               block_fmt: str) -> str | None:
-    m = block_re.match(key)
-    if m:
-        idx, rest = m.groups()
-        for src, dst in block.items():
-            if rest.startswith(src):
-                return block_fmt.format(idx) + dst + rest[len(src):]
-        return None
-    for src, dst in top.items():
-        if key == src or (src.endswith(".") and key.startswith(src)):
-            return dst + key[len(src):]
-    return None
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded without running code from the file."""
 
 
-def official_key(key: str) -> str | None:
-    """crate_fast parameter name -> official name (None if it has no official counterpart)."""
-    return _translate(key, _TOP, _BLOCK, _OURS_BLOCK, "transformer.layers.{}.")
+# ---------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
+    """The object stored in a checkpoint file, loaded onto the CPU.
 
+    ``.safetensors``: a dict of tensors (the safetensors library). Anything else: ``torch.load`` with
+    ``weights_only=True``, which restores tensors and plain Python containers and refuses any other
+    object, so a file someone hands you cannot run code. ``trusted=True`` lifts that restriction for a
+    file you made or trust (``torch.load(weights_only=False)``: the pickle may execute arbitrary code).
 
-def crate_fast_key(key: str) -> str | None:
-    """Official parameter name -> crate_fast name (None if unknown)."""
-    inv_top = {v: k for k, v in _TOP.items()}
-    inv_block = {v: k for k, v in _BLOCK.items()}
-    return _translate(key, inv_top, inv_block, _OFFICIAL_BLOCK, "blocks.{}.")
-
-
-def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """A state_dict from a path, a raw state_dict, or a checkpoint dict holding 'state_dict' / 'model'.
-
-    Strips the 'module.' prefix of DataParallel/DDP checkpoints (and torch.compile's '_orig_mod.').
+    Raises FileNotFoundError, UnsafeCheckpointError (the file needs ``trusted=True``) or ValueError (not
+    a checkpoint at all).
     """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{path!r} is not a readable .safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses a pickle that names a global (a class or function) outside its
+        # allow-list: that is what running code from a file takes. Any other failure is a broken file.
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if trusted or detail is None:
+            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({str(e).splitlines()[-2:]})") from e
+        raise UnsafeCheckpointError(
+            f"{path!r} holds objects other than tensors and plain containers ({detail}); loading it would run "
+            "code from the file, so it was refused. If you made this file or trust its source, load it with "
+            "trusted=True (train.py and the analysis CLI: --trust-checkpoint).") from e
+    except (RuntimeError, EOFError, OSError) as e:   # zip / legacy-format readers on foreign or cut files
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def unwrap_state_dict(obj: Any, *, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a path, a state_dict, or a checkpoint dict holding 'state_dict' or
+    'model'; the 'module.' prefix of DataParallel/DDP and torch.compile's '_orig_mod.' are stripped.
+
+    Raises TypeError when obj is none of these (an entry that is not a tensor, say)."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(obj, trusted=trusted)
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state_dict or checkpoint dict, got {type(obj).__name__}")
-    for wrapper in ("state_dict", "model"):
+    for wrapper in _WRAPPERS:
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
             break
@@ -92,6 +101,66 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# Official key layouts
+# ---------------------------------------------------------------------------------------------------
+class KeyMap:
+    """crate_fast parameter names <-> a family's official names.
+
+    top: renames of whole keys or of key prefixes (ending in '.'); blocks: for each of our block lists
+    (e.g. 'blocks.'), the official list prefix and the renames inside one block. Each model family
+    declares its map as the class attribute ``official_keys``.
+    """
+
+    def __init__(self, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]):
+        self.top, self.blocks = top, blocks
+
+    @staticmethod
+    def _rename(key: str, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]) -> str | None:
+        for src_list, (dst_list, inner) in blocks.items():
+            m = re.match(re.escape(src_list) + r"(\d+)\.(.*)$", key)
+            if m:
+                idx, rest = m.groups()
+                for src, dst in inner.items():
+                    if rest.startswith(src):
+                        return f"{dst_list}{idx}.{dst}{rest[len(src):]}"
+                return None
+        for src, dst in top.items():
+            if key == src or (src.endswith(".") and key.startswith(src)):
+                return dst + key[len(src):]
+        return None
+
+    def to_official(self, key: str) -> str | None:
+        """Our name -> the official one (None if it has no official counterpart)."""
+        return self._rename(key, self.top, self.blocks)
+
+    def from_official(self, key: str) -> str | None:
+        """Official name -> ours (None if unknown)."""
+        top = {v: k for k, v in self.top.items()}
+        blocks = {dst: (src, {v: k for k, v in inner.items()}) for src, (dst, inner) in self.blocks.items()}
+        return self._rename(key, top, blocks)
+
+
+def _key_map(model: nn.Module) -> KeyMap:
+    keys = getattr(model, "official_keys", None)
+    if keys is None:
+        raise TypeError(f"{type(model).__name__} has no official key layout (official_keys)")
+    return keys
+
+
+def official_key(model: nn.Module, key: str) -> str | None:
+    """The official name of one of the model's parameters (None if it has none)."""
+    return _key_map(model).to_official(key)
+
+
+def crate_fast_key(model: nn.Module, key: str) -> str | None:
+    """The model's name for an official parameter name (None if unknown)."""
+    return _key_map(model).from_official(key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
 def _square_grid(n: int, key: str) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
@@ -99,56 +168,122 @@ def _square_grid(n: int, key: str) -> tuple[int, int]:
     return side, side
 
 
-def load_official_state_dict(model: CRATE, obj: Any, *, reset_head: bool = False) -> CRATE:
-    """Load official CRATE weights into a crate_fast model, strictly.
+class _Layout:
+    """How the keys of a file name the model's parameters: ours as they are, or a family's official
+    names (renamed through its KeyMap)."""
 
-    obj: a path, a state_dict, or a checkpoint dict with 'state_dict' (main.py) or 'model' (demo
-    notebooks); 'module.' prefixes are stripped. The position table is bicubically interpolated when
-    the checkpoint's patch grid differs from the model's. ``reset_head=True`` keeps the model's own
-    (freshly initialised) classifier, for finetuning on another class count. Returns the model.
-    """
-    sd = unwrap_state_dict(obj)
-    if sd and all(k in model.state_dict() for k in sd):
-        raise ValueError("this is already a crate_fast state_dict: use model.load_state_dict(sd)")
+    def __init__(self, name: str, keys: KeyMap | None = None):
+        self.name, self.keys = name, keys
+
+    def ours(self, file_key: str) -> str | None:
+        return file_key if self.keys is None else self.keys.from_official(file_key)
+
+    def file_key(self, ours: str) -> str:
+        return ours if self.keys is None else (self.keys.to_official(ours) or ours)
+
+
+def _layout_of(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> _Layout:
+    """Ours or official: whichever names more of the file's keys (a file with a few extra keys of
+    either kind still gets the error message of its own layout)."""
+    official = _Layout("official checkpoint", _key_map(model))
+    ours = set(model.state_dict())
+    n_ours = sum(k in ours for k in sd)
+    n_official = sum(official.ours(k) in ours for k in sd)
+    return _Layout("checkpoint") if sd and n_ours > n_official else official
+
+
+def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, reset_head: bool | str,
+          ignore: Iterable[str]) -> nn.Module:
+    """Strictly load sd, named in `layout`, into model; see load_official_state_dict for the options."""
+    if reset_head not in (False, True, "auto"):
+        raise ValueError(f"reset_head must be False, True or 'auto', got {reset_head!r}")
+    ignore = set(ignore)
+    absent = sorted(ignore - set(sd))
+    if absent:
+        raise ValueError(f"ignore names keys the file does not have: {', '.join(absent[:20])}")
     ours = model.state_dict()
-    mapped, unexpected, mismatched, seen = {}, [], [], set()
+    head = tuple(getattr(model, "head_keys", ("head.",)))
+    pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
+    seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
     for k, v in sd.items():
-        name = crate_fast_key(k)
+        if k in ignore:
+            continue
+        name = layout.ours(k)
         if name is None or name not in ours:
             unexpected.append(k)
             continue
         seen.add(name)
-        if reset_head and name.startswith("head."):
-            continue
-        if name == "pos_embed" and v.dim() == 3 and v.shape[1] != ours[name].shape[1]:
+        if name in pos_keys and v.dim() == 3 and v.shape[1] != ours[name].shape[1]:
             v = resample_pos_embed(v, _square_grid(v.shape[1] - 1, k), model.config.grid_size)
         if v.shape != ours[name].shape:
-            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}")
+            mismatched[name] = f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}"
             continue
         mapped[name] = v
-    skipped = {n for n in ours if reset_head and n.startswith("head.")}
-    missing = [official_key(n) for n in ours if n not in seen and n not in skipped]
-    if missing or unexpected or mismatched:
-        lines = ["official checkpoint does not match this model (nothing was loaded):"]
+    head_mismatch = any(n.startswith(head) for n in mismatched)
+    kept_head = set()
+    if reset_head is True or (reset_head == "auto" and head_mismatch):
+        kept_head = {n for n in ours if n.startswith(head)}        # the model's own, fresh classifier
+    missing = [layout.file_key(n) for n in ours if n not in seen and n not in kept_head]
+    bad_shapes = [m for n, m in mismatched.items() if n not in kept_head]
+    if missing or unexpected or bad_shapes:
+        lines = [f"{layout.name} does not match this {type(model).__name__} (nothing was loaded):"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
+                             ("shape mismatches", bad_shapes)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
                              + (" ..." if len(items) > 20 else ""))
-        if mismatched and any("mlp_head.1" in m for m in mismatched):
+        if head_mismatch and not kept_head:
             lines.append("  (a different class count? pass reset_head=True to keep a new head)")
+        if unexpected:
+            lines.append("  (keys the model has no use for may be skipped with ignore=[...])")
         raise RuntimeError("\n".join(lines))
-    if skipped:
-        mapped.update({n: ours[n] for n in skipped})
+    mapped = {n: v for n, v in mapped.items() if n not in kept_head}
+    mapped.update({n: ours[n] for n in kept_head})
     model.load_state_dict(mapped, strict=True)
+    if ignore:
+        print(f"[crate_fast] skipped {len(ignore)} key(s) named in ignore: {', '.join(sorted(ignore)[:20])}",
+              file=sys.stderr)
     return model
 
 
-def to_official_state_dict(model: CRATE) -> OrderedDict[str, torch.Tensor]:
-    """The model's parameters under official ``model/crate.py`` names (no 'module.' prefix)."""
+def load_official_state_dict(model: nn.Module, obj: Any, *, reset_head: bool | str = False,
+                             ignore: Iterable[str] = (), trusted: bool = False) -> nn.Module:
+    """Load weights in the official layout of the model's family into a crate_fast model, strictly.
+
+    obj: a path (``.pt``/``.pth`` read with weights_only=True, or ``.safetensors``), a state_dict, or a
+    checkpoint dict with 'state_dict' (main.py) or 'model' (demo notebooks, FAIR MAE); 'module.'
+    prefixes are stripped. A position table of another square patch grid is bicubically interpolated.
+    reset_head: True keeps the model's own (fresh) classifier, for another class count; "auto" does so
+    only when the file's head has another shape. ignore: file keys to skip (e.g. a head the model does
+    not have). trusted: see :func:`read_checkpoint`. Returns the model.
+
+    Raises RuntimeError listing missing, unexpected and mismatched keys (nothing is loaded then),
+    ValueError for a crate_fast state_dict (use model.load_state_dict or :func:`load_weights`).
+    """
+    sd = unwrap_state_dict(obj, trusted=trusted)
+    layout = _layout_of(model, sd)
+    if layout.keys is None:
+        raise ValueError("this is already a crate_fast state_dict: use model.load_state_dict(sd) "
+                         "(or crate_fast.load_weights, which takes both layouts)")
+    return _load(model, sd, layout, reset_head=reset_head, ignore=ignore)
+
+
+def load_weights(model: nn.Module, obj: Any, *, reset_head: bool | str = False, ignore: Iterable[str] = (),
+                 trusted: bool = False) -> nn.Module:
+    """Load any weights for this model: a crate_fast state_dict or run checkpoint (train.py's last.pt,
+    best.pt), or the official layout of its family; paths, containers, prefixes, options, strictness
+    and errors as in :func:`load_official_state_dict`. The one loader behind ``train.py --finetune``
+    and the analysis CLI. Returns the model."""
+    sd = unwrap_state_dict(obj, trusted=trusted)
+    return _load(model, sd, _layout_of(model, sd), reset_head=reset_head, ignore=ignore)
+
+
+def to_official_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The model's parameters under its family's official names (no 'module.' prefix)."""
+    keys = _key_map(model)
     out = OrderedDict()
     for k, v in model.state_dict().items():
-        name = official_key(k)
+        name = keys.to_official(k)
         if name is None:
             raise KeyError(f"parameter {k!r} has no official counterpart")
         out[name] = v

@@ -1,11 +1,11 @@
-"""Exact matmul FLOP counts of CRATE per image, for MFU and roofline numbers (perf_anchors.md §7).
+"""Exact matmul FLOP counts of CRATE per image, for MFU and roofline numbers (docs/DESIGN.md §6).
 
 A multiply-add is 2 FLOPs. Norms, softmax and elementwise work are not counted (they cost bandwidth,
 not matrix FLOPs), as in every MFU convention. Training is 3x forward (backward = 2x forward).
 """
 from __future__ import annotations
 
-from .config import CRATEConfig
+from .models.crate import CRATEConfig
 
 # Dense bf16/fp16 tensor-core peak (FLOP/s) by GPU name substring, for MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362e12,

@@ -5,7 +5,8 @@
 - :class:`CRATEBlock`: ``z_half = z + MSSA(LN1(z)); z_next = ISTA(LN2(z_half))`` (no outer residual).
 - :class:`PatchEmbed`: official patchify (channel-last patches) -> LN -> Linear -> LN.
 
-Each takes ``impl`` ("auto", "reference", "torch", "triton"); parameters never depend on it.
+Each takes ``impl`` (one of crate_fast.kernels.IMPLS); parameters never depend on it, and
+:func:`set_impl` switches every layer of a model at once.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crate_fast.kernels import ista_step, mssa_attention
-from crate_fast.kernels._utils import IMPLS
+from crate_fast.kernels import check_impl, ista_step, mssa_attention
 from crate_fast.kernels.reference import mssa_attention_ref
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
+def set_impl(module: nn.Module, impl: str) -> None:
+    """Switch every MSSA and ISTA layer inside `module` to `impl`. Raises ValueError for an unknown impl."""
+    check_impl(impl)
+    for m in module.modules():
+        if isinstance(m, (MSSA, ISTA)):
+            m.impl = impl
 
 
 class MSSA(nn.Module):
@@ -39,7 +41,7 @@ class MSSA(nn.Module):
         dim_head = dim // heads if dim_head is None else dim_head
         inner = heads * dim_head
         self.heads, self.dim_head, self.scale = heads, dim_head, dim_head ** -0.5
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
         self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, inner, bias=False)   # U = [U_1 .. U_K], official name kept
         # The official code skips the output projection only for one head spanning the whole width.
@@ -85,7 +87,7 @@ class ISTA(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, dim))
         self.step_size, self.lambd = step_size, lambd
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,7 +112,7 @@ class CRATEBlock(nn.Module):
         self.ista = ISTA(dim, step_size=step_size, lambd=lambd, impl=impl)
 
     def set_impl(self, impl: str) -> None:
-        self.attn.impl = self.ista.impl = _check_impl(impl)
+        set_impl(self, impl)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z_half = z + self.attn(self.norm1(z))

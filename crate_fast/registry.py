@@ -1,49 +1,69 @@
-"""Named presets and ``create_model``: the front door users and train.py share."""
+"""Named presets of every model family and ``create_model``: the front door users and train.py share."""
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
-from .config import CRATEConfig, Size
-from .model import CRATE
+from torch import nn
 
-# Official presets (model/crate.py, CRATE paper Table 1). dim_head = dim // heads: 64, 48 (!), 64, 64.
-_PRESETS: dict[str, dict] = {
-    "crate_tiny": dict(dim=384, depth=12, heads=6),
-    "crate_small": dict(dim=576, depth=12, heads=12),
-    "crate_base": dict(dim=768, depth=12, heads=12),
-    "crate_large": dict(dim=1024, depth=24, heads=16),
-}
+from .models import crate
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_PRESETS)
+@dataclass(frozen=True)
+class Family:
+    """One model family: its config and model classes, its named presets, and where it comes from."""
+
+    name: str
+    title: str
+    config_class: type
+    model_class: type
+    presets: dict[str, dict]
+    paper: str
 
 
-def get_config(name: str, **overrides) -> CRATEConfig:
-    """The :class:`CRATEConfig` of a preset, with any field overridden."""
-    if name not in _PRESETS:
-        close = difflib.get_close_matches(name, _PRESETS, n=2)
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("crate", "CRATE", crate.CRATEConfig, crate.CRATE, crate.PRESETS,
+           "Yu et al., White-Box Transformers via Sparse Rate Reduction, NeurIPS 2023"),
+]}
+_BY_NAME: dict[str, Family] = {name: f for f in FAMILIES.values() for name in f.presets}
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`, of one family or of all."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    return sorted(n for n, f in _BY_NAME.items() if family is None or f.name == family)
+
+
+def family_of(name: str) -> Family:
+    """The family a preset name belongs to. Raises ValueError (with close matches) for unknown names."""
+    if name not in _BY_NAME:
+        close = difflib.get_close_matches(name, _BY_NAME, n=2)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.{hint}")
-    fields = {**_PRESETS[name], **overrides}
-    unknown = set(fields) - set(CRATEConfig.__dataclass_fields__)
+    return _BY_NAME[name]
+
+
+def get_config(name: str, **overrides):
+    """The config of a preset, with any field overridden. Raises ValueError for an unknown name or an
+    invalid value, TypeError for a field the family does not have."""
+    fam = family_of(name)
+    fields = {**fam.presets[name], **overrides}
+    known = fam.config_class.__dataclass_fields__
+    unknown = set(fields) - set(known)
     if unknown:
-        raise TypeError(f"unknown CRATE option(s) {sorted(unknown)}; valid: "
-                        f"{sorted(CRATEConfig.__dataclass_fields__)}")
-    return CRATEConfig(**fields)
+        raise TypeError(f"unknown {fam.title} option(s) {sorted(unknown)}; valid: {sorted(known)}")
+    return fam.config_class(**fields)
 
 
-def create_model(name: str, *, num_classes: int = 1000, img_size: Size = 224, patch_size: Size = 16,
-                 impl: str = "auto", **overrides) -> CRATE:
-    """Build a CRATE classifier by preset name.
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a model by preset name; keywords override any field of its config.
 
-    >>> model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    >>> model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, impl="auto")
 
-    ``impl`` selects the MSSA/ISTA math: "reference" (the literal official code), "torch" (fast PyTorch
-    with custom backward passes, any device), "triton" (fused CUDA kernels) or "auto" (triton on CUDA
-    tensors, torch elsewhere). Any other :class:`CRATEConfig` field can be overridden by keyword.
+    ``impl`` (every family) selects the MSSA/ISTA math: "reference" (the literal official code), "torch"
+    (fast PyTorch with custom backward passes, any device), "triton" (fused kernels) or "auto" (triton
+    for CUDA inputs the kernels take, torch elsewhere). Defaults are the family's: CRATE classifiers
+    are 224 px, patch 16, 1000 classes.
     """
-    cfg = get_config(name, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                     impl=impl, **overrides)
-    return CRATE(cfg)
+    return family_of(name).model_class(get_config(name, **overrides))

@@ -38,7 +38,8 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
         return mssa_attention_ref(w, scale)
     (w,) = autocast_cast(w)
     # The kernels rely on scale > 0 (the diagonal score then bounds every exponent); CRATE's is D^-1/2.
-    kernel_scale = math.isfinite(scale) and scale > 0
+    # (comparisons, not math.isfinite: under torch.compile a scale that varied between calls is symbolic)
+    kernel_scale = 0 < scale < math.inf
     if impl == "triton":
         why = triton_refusal("mssa_attention", w.device.type, (w.dtype,), D)
         if why:

@@ -25,8 +25,9 @@ try:
     from crate_fast.data._ffcv import require_ffcv
 
     require_ffcv()
+    HAS_FFCV = True
 except ImportError:
-    pass
+    HAS_FFCV = False
 
 # Where Triton kernels run in this session: the GPU, or the CPU through the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -34,9 +35,12 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_ffcv = pytest.mark.skip(reason="needs FFCV (./run.sh installs it where it can)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "ffcv" in item.keywords and not HAS_FFCV:
+            item.add_marker(skip_ffcv)
 
 
 @pytest.fixture(autouse=True)

@@ -55,5 +55,5 @@ def run_grads(fn, *inputs: torch.Tensor, grad: torch.Tensor) -> list[torch.Tenso
 
 def check_all(names, got, plain, truth, atol: float | None = None) -> None:
     """check() for each (name, got, plain, truth) of an output-and-gradients list."""
-    for name, g, p, t in zip(names, got, plain, truth):
+    for name, g, p, t in zip(names, got, plain, truth, strict=True):
         check(g, p, t, what=name, atol=atol)

@@ -1,6 +1,6 @@
 """Test oracle: the official CRATE classifier's module tree and math, transcribed for the tests.
 
-Mirrors Ma-Lab-Berkeley/CRATE ``model/crate.py`` @674408f (see ../shared/docs/crate_reference.md §1):
+Mirrors Ma-Lab-Berkeley/CRATE ``model/crate.py`` @674408f (docs/DESIGN.md §2.1):
 same module nesting (so the same state_dict keys), same parameter creation order, same operations.
 Written without einops so the tests need nothing beyond torch. It is never imported by the package.
 """

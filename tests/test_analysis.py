@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from tolerances import MAPS_ATOL, MAPS_RTOL, STATS_ATOL, STATS_RTOL
 
 from crate_fast import create_model
 from crate_fast.analysis import (
@@ -35,17 +36,17 @@ def coding_rate_f64(w, eps=0.01):
 
 def test_coding_rate_matches_float64_formula():
     w = torch.randn(3, 4, 17, 16)
-    torch.testing.assert_close(coding_rate(w).double(), coding_rate_f64(w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(coding_rate(w).double(), coding_rate_f64(w), rtol=STATS_RTOL, atol=STATS_ATOL)
     # More tokens than dimensions and the other way round take different (Sylvester) branches.
     w = torch.randn(2, 2, 5, 40)
-    torch.testing.assert_close(coding_rate(w).double(), coding_rate_f64(w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(coding_rate(w).double(), coding_rate_f64(w), rtol=STATS_RTOL, atol=STATS_ATOL)
 
 
 def test_expansion_rate_matches_float64_formula():
     z = torch.randn(2, 9, 24)
     y = (z / z.norm(dim=-1, keepdim=True)).double()
     want = 0.5 * torch.logdet(torch.eye(9, dtype=torch.float64) + 24 / (9 * 0.01) * y @ y.transpose(-1, -2))
-    torch.testing.assert_close(expansion_rate(z).double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(expansion_rate(z).double(), want, rtol=STATS_RTOL, atol=STATS_ATOL)
 
 
 def test_coding_rate_of_identical_tokens_is_minimal():
@@ -77,7 +78,7 @@ def test_layer_stats_shape_values_and_no_leftovers():
     with torch.no_grad():
         model.eval()
         z = model.embed(x)
-        for blk, row in zip(model.blocks, a):
+        for blk, row in zip(model.blocks, a, strict=True):
             z = blk(z)
             assert row["sparsity"] == pytest.approx(zero_fraction(z).mean().item())
     # A bf16 model is analyzed in fp32.
@@ -99,7 +100,7 @@ def test_attention_maps_equal_the_models_own_attention(impl):
     model.set_impl(impl)
     got = attention_maps(model, x, layer=-1).cpu()
     assert got.shape == (2, 2, 5, 6)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=MAPS_RTOL, atol=MAPS_ATOL)
 
 
 def test_threshold_masks_keep_the_requested_mass():
@@ -171,3 +172,20 @@ def test_cli_errors(tmp_path, capsys):
     torch.save({"state_dict": {}}, bad)
     assert main(["--ckpt", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "--arch" in capsys.readouterr().err
+
+
+def test_attention_overlay_shares_the_pictures_pixel_grid():
+    """docs/analysis/attention_0.png had a grey strip along the right and bottom of every head's map:
+    the map was drawn on extent (0, W, H, 0), the picture on matplotlib's default, half a pixel off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from crate_fast.analyze import overlay
+    fig, ax = plt.subplots()
+    overlay(ax, np.zeros((32, 48, 3), np.uint8), np.random.rand(4, 6))
+    picture, heat = ax.get_images()
+    assert tuple(picture.get_extent()) == tuple(heat.get_extent()) == (0, 48, 32, 0)
+    plt.close(fig)

@@ -1,8 +1,8 @@
 """Official checkpoint import/export: same logits as the official model, strict, clear errors."""
 import pytest
 import torch
+from harness import assert_rel
 from official_crate import official_small
-from tolerances import assert_rel
 
 from crate_fast import create_model, load_official_state_dict, to_official_state_dict
 from crate_fast.checkpoint import crate_fast_key, official_key
@@ -22,7 +22,7 @@ def official():
 def test_key_maps_are_inverse():
     m = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, depth=2)
     for k in m.state_dict():
-        assert crate_fast_key(official_key(k)) == k
+        assert crate_fast_key(m, official_key(m, k)) == k
 
 
 @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
@@ -113,3 +113,69 @@ def test_bad_objects():
         load_official_state_dict(model, {"epoch": 3})
     with pytest.raises(ValueError, match="already a crate_fast state_dict"):
         load_official_state_dict(model, model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Safe loading: nothing in a file runs; our own files, containers and safetensors load through one loader
+# ---------------------------------------------------------------------------------------------------
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_callable_is_refused_and_never_runs(official, tmp_path):
+    from crate_fast import load_weights, read_checkpoint
+    from crate_fast.checkpoint import UnsafeCheckpointError
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"state_dict": official.state_dict(), "args": _Exploit(marker)}, path)
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    for load in (read_checkpoint, lambda p: load_official_state_dict(model, p), lambda p: load_weights(model, p)):
+        with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth.*trusted=True.*--trust-checkpoint"):
+            load(str(path))
+    assert not marker.exists(), "code from the checkpoint ran"
+    load_official_state_dict(model, str(path), trusted=True)         # the explicit opt-in for a trusted file
+    assert marker.exists()
+
+
+def test_safetensors_and_our_own_containers_load(official, tmp_path):
+    from safetensors.torch import save_file
+
+    from crate_fast import load_weights
+    src = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    load_official_state_dict(src, official.state_dict())
+    save_file(to_official_state_dict(src), str(tmp_path / "official.safetensors"))
+    save_file(src.state_dict(), str(tmp_path / "ours.safetensors"))
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 1}, tmp_path / "ddp.pt")
+    for path in ("official.safetensors", "ours.safetensors", "ddp.pt"):
+        model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+        load_weights(model, str(tmp_path / path))
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), (path, k)
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    from crate_fast import read_checkpoint
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="not a readable .safetensors"):
+        read_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_ignore_skips_named_keys_and_is_strict_about_them(official, capsys):
+    sd = dict(official.state_dict())
+    sd["head.weight"], sd["head.bias"] = torch.zeros(3, 576), torch.zeros(3)    # a head the model lacks
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    with pytest.raises(RuntimeError, match="(?s)unexpected keys .2.: head.weight, head.bias.*ignore="):
+        load_official_state_dict(model, sd)
+    load_official_state_dict(model, sd, ignore=["head.weight", "head.bias"])
+    assert "skipped 2 key(s) named in ignore: head.bias, head.weight" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ignore names keys the file does not have: head.typo"):
+        load_official_state_dict(model, sd, ignore=["head.typo"])

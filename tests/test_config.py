@@ -6,7 +6,7 @@ import torch
 import crate_fast
 from crate_fast import CRATEConfig, create_model, list_models
 
-# CRATE paper Table 1 (millions) and the exact counts of crate_reference.md §2.
+# CRATE paper Table 1 (millions) and the exact counts of the official model/crate.py, instantiated.
 PAPER = {"crate_tiny": (6.09, 6_090_856), "crate_small": (13.12, 13_116_328),
          "crate_base": (22.80, 22_796_008), "crate_large": (77.64, 77_641_192)}
 

@@ -1,4 +1,4 @@
-"""FLOP counts against the formulas and numbers of perf_anchors.md §7."""
+"""FLOP counts against the formulas and per-preset numbers of docs/DESIGN.md §6."""
 import pytest
 
 from crate_fast import get_config

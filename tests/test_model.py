@@ -2,7 +2,8 @@
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from tolerances import FP64_RTOL, assert_2x_rule, assert_rel
+from harness import assert_2x_rule, assert_rel
+from tolerances import FP64_RTOL
 
 from crate_fast import create_model
 
@@ -31,7 +32,7 @@ def test_torch_impl_logits_fp32(cfg, pool):
 
 @pytest.mark.parametrize("cfg", SMALL, ids=["d48", "d64"])
 def test_torch_impl_gradients_float64(cfg):
-    """Every parameter gradient, float64 (ReLU kinks make fp32 gradient parity ill-posed, DESIGN §5)."""
+    """Every parameter gradient, float64 (ReLU kinks make fp32 gradient parity ill-posed, docs/DESIGN.md §5)."""
     x = images(cfg, dtype=torch.float64)
     grads = {}
     for impl in ("reference", "torch"):

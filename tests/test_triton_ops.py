@@ -266,3 +266,12 @@ def test_model_nan_pixel_gives_nan_loss_and_reference_gradients(impl):
     assert F.cross_entropy(got[0].cpu(), y).isnan()
     names = ["logits"] + [n for n, _ in model.named_parameters()]
     assert_same_nonfinite(names, got, want)
+
+
+def test_torch_compile_traces_a_scale_that_changed_between_calls():
+    """Dynamo turns a float argument that changed between calls into a symbolic float; the public op's
+    checks on it must still trace (math.isfinite on it broke fullgraph compiles after another model)."""
+    f = torch.compile(lambda w, s: mssa_attention(w, scale=s, impl="torch"), fullgraph=True)
+    w = torch.randn(1, 2, 5, 8)
+    for s in (0.3, 0.5, 0.7):
+        assert_rel(f(w, s), mssa_attention_ref(w.double(), s))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import CRATE
+from ..models.crate import CRATE
 from .stats import _float_model
 
 

@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from ..model import CRATE
+from ..models.crate import CRATE
 
 EPS = 0.01
 

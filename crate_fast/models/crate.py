@@ -1,20 +1,130 @@
-"""The CRATE classifier (Yu et al., NeurIPS 2023), exactly the official ``model/crate.py`` math."""
+"""The CRATE classifier (Yu et al., "White-Box Transformers via Sparse Rate Reduction", NeurIPS 2023),
+exactly the math of the official ``model/crate.py`` (Ma-Lab-Berkeley/CRATE); docs/DESIGN.md §2.1.
+
+    patches (channel-last) -> LN -> Linear -> LN -> [CLS; tokens] + learned positions
+    -> depth x CRATEBlock:  z_half = z + MSSA(LN1(z));  z_next = ISTA(LN2(z_half))
+    -> pool (CLS token or mean) -> LN -> Linear
+"""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import CRATEConfig
-from .layers import CRATEBlock, PatchEmbed, _check_impl, resample_pos_embed
+from ..checkpoint import KeyMap
+from ..config import Size, check_dropout, check_positive, to_2tuple
+from ..kernels import check_impl
+from ..layers import CRATEBlock, PatchEmbed, resample_pos_embed, set_impl
+
+POOLS = ("cls", "mean")
+
+# Official presets (model/crate.py, CRATE paper Table 1). dim_head = dim // heads: 64, 48 (!), 64, 64.
+PRESETS: dict[str, dict] = {
+    "crate_tiny": dict(dim=384, depth=12, heads=6),
+    "crate_small": dict(dim=576, depth=12, heads=12),
+    "crate_base": dict(dim=768, depth=12, heads=12),
+    "crate_large": dict(dim=1024, depth=24, heads=16),
+}
+
+
+@dataclass(frozen=True)
+class CRATEConfig:
+    """Everything that defines a CRATE classifier (official ``model/crate.py`` argument names in brackets).
+
+    dim_head defaults to dim // heads, as in every official preset (CRATE-S: 576 / 12 = 48).
+    step_size [ista] is the ISTA step eta; lambd the sparsity weight (a constant 0.1 in the official code).
+    dropout is the attention and output-projection dropout, emb_dropout the one after the embedding.
+    impl picks the math for MSSA and ISTA (see crate_fast.kernels.IMPLS); it never changes parameters,
+    so a state_dict moves freely between impls. Raises ValueError on any invalid field.
+    """
+
+    dim: int
+    depth: int
+    heads: int
+    dim_head: int | None = None
+    img_size: Size = 224
+    patch_size: Size = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    pool: str = "cls"
+    step_size: float = 0.1
+    lambd: float = 0.1
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    impl: str = "auto"
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalize fields once, here
+        set_(self, "img_size", to_2tuple(self.img_size, "img_size"))
+        set_(self, "patch_size", to_2tuple(self.patch_size, "patch_size"))
+        check_positive(self, "dim", "depth", "heads", "in_chans", "num_classes")
+        if self.dim_head is None:
+            if self.dim % self.heads:
+                raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}; pass dim_head")
+            set_(self, "dim_head", self.dim // self.heads)
+        if self.dim_head <= 0:
+            raise ValueError(f"dim_head must be positive, got {self.dim_head}")
+        for (i, p) in zip(self.img_size, self.patch_size, strict=True):
+            if i % p:
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        check_impl(self.impl)
+        check_dropout(self, "dropout", "emb_dropout")
+        if self.step_size <= 0:
+            raise ValueError(f"step_size must be positive, got {self.step_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_chans * self.patch_size[0] * self.patch_size[1]
+
+    def replace(self, **changes: Any) -> CRATEConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class CRATE(nn.Module):
     """Patch embedding -> CLS + learned positions -> depth x CRATEBlock -> pool -> LN -> Linear.
 
-    Inputs whose patch grid differs from ``config.img_size`` get bicubically interpolated position
-    embeddings (the official code only slices the table). Switch the MSSA/ISTA implementation at any
-    time with :meth:`set_impl`; parameters and state_dict keys never depend on it.
+    forward: (B, in_chans, H, W) images, any H x W divisible by the patch (positions are bicubically
+    interpolated for another grid; the official code only slices the table) -> (B, num_classes) logits
+    in the compute dtype. Switch the MSSA/ISTA implementation at any time with :meth:`set_impl`;
+    parameters and state_dict keys never depend on it.
     """
+
+    config_class = CRATEConfig
+    # Official model/crate.py names: ours -> theirs (crate_fast.checkpoint.KeyMap).
+    official_keys = KeyMap(
+        top={
+            "cls_token": "cls_token",
+            "pos_embed": "pos_embedding",
+            "patch_embed.norm_in.": "to_patch_embedding.1.",
+            "patch_embed.proj.": "to_patch_embedding.2.",
+            "patch_embed.norm_out.": "to_patch_embedding.3.",
+            "head_norm.": "mlp_head.0.",
+            "head.": "mlp_head.1.",
+        },
+        blocks={"blocks.": ("transformer.layers.", {
+            "norm1.": "0.norm.",
+            "attn.qkv.": "0.fn.qkv.",
+            "attn.out.": "0.fn.to_out.0.",
+            "norm2.": "1.norm.",
+            "ista.": "1.fn.",
+        })},
+    )
+    head_keys = ("head.",)                # what reset_head / a new class count replaces
 
     def __init__(self, config: CRATEConfig):
         super().__init__()
@@ -35,13 +145,11 @@ class CRATE(nn.Module):
 
     @property
     def impl(self) -> str:
-        return self.blocks[0].ista.impl
+        return self.config.impl
 
     def set_impl(self, impl: str) -> CRATE:
-        """Use another MSSA/ISTA implementation from now on ("auto", "reference", "torch", "triton")."""
-        _check_impl(impl)
-        for blk in self.blocks:
-            blk.set_impl(impl)
+        """Use another MSSA/ISTA implementation from now on (one of crate_fast.kernels.IMPLS)."""
+        set_impl(self, impl)
         self.config = self.config.replace(impl=impl)
         return self
 
@@ -65,6 +173,7 @@ class CRATE(nn.Module):
         return x
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + patches, dim) tokens -> (B, num_classes) logits."""
         x = tokens.mean(dim=1) if self.config.pool == "mean" else tokens[:, 0]  # mean includes CLS
         return self.head(self.head_norm(x))
 
