@@ -185,7 +185,7 @@ def test_attention_overlay_shares_the_pictures_pixel_grid():
 
     from crate_fast.analyze import overlay
     fig, ax = plt.subplots()
-    overlay(ax, np.zeros((32, 48, 3), np.uint8), np.random.rand(4, 6))
+    overlay(ax, np.zeros((32, 48, 3), np.uint8), np.random.default_rng(0).random((4, 6)))
     picture, heat = ax.get_images()
     assert tuple(picture.get_extent()) == tuple(heat.get_extent()) == (0, 48, 32, 0)
     plt.close(fig)
