@@ -143,11 +143,14 @@ ista_apply.register_autograd(ista_apply_backward, setup_context=ista_apply_setup
 class _ISTAApplyTriton(torch.autograd.Function):
     """ista_apply and its autograd for eager calls, without the torch.library dispatch (see register_op)."""
 
+    # forward(ctx, ...) calls the shared setup itself (a separate setup_context costs an
+    # inspect.signature bind per call, torch_ops._ISTAApply).
     @staticmethod
-    def forward(x, xc, a, eta, lambd):
-        return _ista_forward(x, xc, a, eta, lambd)
+    def forward(ctx, x, xc, a, eta, lambd):
+        out = _ista_forward(x, xc, a, eta, lambd)
+        ista_apply_setup_context(ctx, (x, xc, a, eta, lambd), out)
+        return out
 
-    setup_context = staticmethod(ista_apply_setup_context)
     backward = staticmethod(ista_apply_backward)
 
 

@@ -353,11 +353,14 @@ mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _MSSATriton(torch.autograd.Function):
     """mssa_fwd and its autograd for eager calls, without the torch.library dispatch (see register_op)."""
 
+    # forward(ctx, ...) calls the shared setup itself (a separate setup_context costs an
+    # inspect.signature bind per call, torch_ops._ISTAApply).
     @staticmethod
-    def forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _mssa_forward(w, scale)
+    def forward(ctx, w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _mssa_forward(w, scale)
+        _setup_context(ctx, (w, scale), out)
+        return out
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
