@@ -9,7 +9,9 @@ from .checkpoint import load_official_state_dict, load_weights, read_checkpoint,
 from .kernels import IMPLS
 from .models import CRATE, CRATEConfig
 from .registry import FAMILIES, create_model, get_config, list_models
+from .released import RELEASED, load_released
 
 __version__ = "0.1.0"
-__all__ = ["CRATE", "CRATEConfig", "FAMILIES", "IMPLS", "create_model", "get_config", "layers", "list_models",
-           "load_official_state_dict", "load_weights", "read_checkpoint", "to_official_state_dict"]
+__all__ = ["CRATE", "CRATEConfig", "FAMILIES", "IMPLS", "RELEASED", "create_model", "get_config", "layers",
+           "list_models", "load_official_state_dict", "load_released", "load_weights", "read_checkpoint",
+           "to_official_state_dict"]

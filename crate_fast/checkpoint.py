@@ -13,6 +13,7 @@ mismatch and silently keeps random weights; this never does.)
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pickle
@@ -61,7 +62,10 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
         except SafetensorError as e:
             raise ValueError(f"{path!r} is not a readable .safetensors file ({e})") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        # FAIR-style checkpoints (MAE, DeiT) keep their training arguments as an argparse.Namespace: a
+        # plain attribute bag, allowed explicitly.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
         # weights_only refuses a pickle that names a global (a class or function) outside its
         # allow-list: that is what running code from a file takes. Any other failure is a broken file.
@@ -236,6 +240,13 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             lines.append("  (a different class count? pass reset_head=True to keep a new head)")
         if unexpected:
             lines.append("  (keys the model has no use for may be skipped with ignore=[...])")
+        if layout.keys is not None:
+            from .released import closest
+
+            r, diff = closest(sd, type(model))
+            if r is not None:
+                lines.append(f"  closest known released file: {r.name} ({r.file}), which differs: "
+                             f"{'; '.join(diff) or 'nothing (crate_fast.load_released builds its model)'}")
         raise RuntimeError("\n".join(lines))
     mapped = {n: v for n, v in mapped.items() if n not in kept_head}
     mapped.update({n: ours[n] for n in kept_head})

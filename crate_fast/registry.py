@@ -45,8 +45,14 @@ def family_of(name: str) -> Family:
 
 
 def get_config(name: str, **overrides):
-    """The config of a preset, with any field overridden. Raises ValueError for an unknown name or an
-    invalid value, TypeError for a field the family does not have."""
+    """The config of a preset (or of a known released file's model, crate_fast.released), with any field
+    overridden. Raises ValueError for an unknown name or an invalid value, TypeError for a field the
+    family does not have."""
+    from .released import released_config_overrides
+
+    released = released_config_overrides(name)
+    if released is not None:
+        name, overrides = released[0], {**released[1], **overrides}
     fam = family_of(name)
     fields = {**fam.presets[name], **overrides}
     known = fam.config_class.__dataclass_fields__
@@ -60,10 +66,12 @@ def create_model(name: str, **overrides) -> nn.Module:
     """Build a model by preset name; keywords override any field of its config.
 
     >>> model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, impl="auto")
+    >>> model = create_model("crate_base_demo")     # the model a known released file needs (RELEASED)
 
     ``impl`` (every family) selects the MSSA/ISTA math: "reference" (the literal official code), "torch"
     (fast PyTorch with custom backward passes, any device), "triton" (fused kernels) or "auto" (triton
     for CUDA inputs the kernels take, torch elsewhere). Defaults are the family's: CRATE classifiers
     are 224 px, patch 16, 1000 classes.
     """
-    return family_of(name).model_class(get_config(name, **overrides))
+    cfg = get_config(name, **overrides)
+    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config_class)).model_class(cfg)

@@ -179,3 +179,52 @@ def test_ignore_skips_named_keys_and_is_strict_about_them(official, capsys):
     assert "skipped 2 key(s) named in ignore: head.bias, head.weight" in capsys.readouterr().err
     with pytest.raises(ValueError, match="ignore names keys the file does not have: head.typo"):
         load_official_state_dict(model, sd, ignore=["head.typo"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Known released files
+# ---------------------------------------------------------------------------------------------------
+def test_the_colab_demo_layout_loads_and_gives_the_official_logits(tmp_path):
+    """crate-demo.pth: the official module tree at CRATE-B width, patch 8, 6 heads of 128, a 768-wide
+    mlp_head and an extra 21,842-class `head` its forward never uses, stored as {'model': sd}."""
+    from official_crate import OfficialCRATE
+
+    from crate_fast import RELEASED, load_released
+    torch.manual_seed(0)
+    off = OfficialCRATE(image_size=224, patch_size=8, num_classes=768, dim=768, depth=12, heads=6, dim_head=128)
+    off.head = torch.nn.Linear(768, 21842)                       # as the notebook attaches it
+    path = tmp_path / "crate-demo.pth"
+    torch.save({"model": off.state_dict()}, path)
+    model = load_released(str(path), impl="torch")
+    assert model.config.patch_size == (8, 8) and model.config.heads == 6 and model.config.dim_head == 128
+    assert set(RELEASED["crate_base_demo"].ignore) == {"head.weight", "head.bias"}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        truth = off.double()(x.double())
+        out = model.eval()(x)
+    assert_rel(out, truth, what="colab demo logits")
+    # The same file into a CRATE-B/8 with 12 heads would load silently (every shape agrees): the table
+    # is what tells them apart, and create_model builds the right one by the file's name.
+    assert create_model("crate_base_demo").config.heads == 6
+
+
+def test_an_unknown_layout_names_the_closest_known_file():
+    from crate_fast.released import identify
+    with torch.device("meta"):
+        sd = to_official_state_dict(create_model("crate_small", num_classes=100))
+    with pytest.raises(ValueError, match=r"closest: crate_small_in1k .*shapes 2: mlp_head.1.weight: \(100, 576\) vs "
+                                         r"\(1000, 576\)"):
+        identify(sd)
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4, depth=2)
+    with pytest.raises(RuntimeError, match="closest known released file: crate_small_in1k"):
+        load_official_state_dict(model, {k: torch.empty(v.shape) for k, v in sd.items()})
+
+
+def test_fair_style_checkpoints_with_argparse_args_load_without_trust(official, tmp_path):
+    """FAIR's MAE/DeiT save_model stores {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace}."""
+    import argparse
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": official.state_dict(), "epoch": 799, "args": argparse.Namespace(norm_pix_loss=True)}, path)
+    model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    load_official_state_dict(model, str(path))
+    assert torch.equal(model.blocks[0].ista.weight, official.state_dict()["transformer.layers.0.1.fn.weight"])
