@@ -228,3 +228,13 @@ def test_fair_style_checkpoints_with_argparse_args_load_without_trust(official, 
     model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
     load_official_state_dict(model, str(path))
     assert torch.equal(model.blocks[0].ista.weight, official.state_dict()["transformer.layers.0.1.fn.weight"])
+
+
+def test_the_analysis_cli_refuses_a_checkpoint_that_runs_code(tmp_path, capsys):
+    from crate_fast.analyze import main
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {"arch": "crate_tiny"}, "x": _Exploit(marker)}, path)
+    assert main(["--ckpt", str(path), "--out", str(tmp_path / "out"), "--images", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "evil.pt" in err and "--trust-checkpoint" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
