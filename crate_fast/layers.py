@@ -153,15 +153,43 @@ class PatchEmbed(nn.Module):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
-                       new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a (1, 1 + gh*gw, C) table with a leading CLS row, to a new patch grid."""
+                       new_grid: tuple[int, int], method: str = "size") -> torch.Tensor:
+    """Bicubic resize of a (1, 1 + gh*gw, C) position table with a leading CLS row to a new patch grid.
+
+    pos_embed: (1, 1 + gh * gw, C), any float dtype (16-bit tables are resized in fp32, fp64 stays
+    fp64; the result has the table's dtype). old_grid (gh, gw): the grid the table was trained on;
+    new_grid (nh, nw): the grid wanted. The CLS row is kept as is; the same grid returns the table itself.
+    method:
+      "size" (the default, what the model uses for training and inference):
+          F.interpolate(size=(nh, nw), mode="bicubic", align_corners=False); the source coordinate of
+          output row i is (i + 0.5) * gh / nh - 0.5.
+      "dino": DINO's interpolate_pos_encoding (facebookresearch/dino, vision_transformer.py), which the
+          CRATE authors' notebooks use (LeslieTrue/crate-emergence-notebooks crate.py
+          `CRATEFeat._fix_pos_enc`, Ma-Lab-Berkeley/CRATE vis_utils/shared_extractor.py):
+          F.interpolate(scale_factor=((nh + 0.1) / gh, (nw + 0.1) / gw), mode="bicubic",
+          align_corners=False, recompute_scale_factor=False), so the source coordinate of output row i
+          is (i + 0.5) * gh / (nh + 0.1) - 0.5 (the +0.1 keeps floor(gh * scale) = nh). For a square
+          training grid this is DINO's (w0 + 0.1) / sqrt(N), w0 the new rows (DINO's `w` is the image's
+          dimension 2, its height), N = gh * gw. The two methods differ by several tenths on a
+          unit-variance table (0.34 at most on a seeded 14x14 -> 28x28 one).
+    Raises ValueError for an unknown method or a table whose patch rows are not gh * gw."""
+    if method not in ("size", "dino"):
+        raise ValueError(f"method must be 'size' or 'dino', got {method!r}")
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = grid.shape[-1]
     if grid.shape[1] != old_grid[0] * old_grid[1]:
         raise ValueError(f"position table has {grid.shape[1]} patch rows, not {old_grid[0]}x{old_grid[1]}")
-    grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    work = torch.promote_types(pos_embed.dtype, torch.float32)
+    grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).to(work)
+    if method == "size":
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    else:
+        scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False,
+                             recompute_scale_factor=False)
+        if tuple(grid.shape[-2:]) != tuple(new_grid):      # cannot happen: floor(g * (n + 0.1) / g) = n
+            raise RuntimeError(f"DINO interpolation gave a {tuple(grid.shape[-2:])} grid, not {tuple(new_grid)}")
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
     return torch.cat([cls, grid], dim=1)

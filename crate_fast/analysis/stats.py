@@ -30,21 +30,31 @@ def _logdet_identity_plus(y: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def coding_rate(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """R^c per image. w: (B, heads, n, p) subspace coordinates -> (B,)."""
+    """R^c per image: 1/2 sum_k logdet(I_n + p / (n eps) Y_k Y_k^T), Y_k = w_k with unit-norm rows.
+
+    w: (B, heads, n, p) float subspace coordinates (MSSA.project) -> (B,) in w's dtype. Raises
+    torch.linalg.LinAlgError when a token is zero or not finite (its unit normalization is NaN and the
+    Cholesky factorization fails). Source: Ma-Lab-Berkeley/CRATE vis_utils/coding_rate.py (eps = 0.01)."""
     y = w / w.norm(dim=-1, keepdim=True)
     n, p = y.shape[-2:]
     return 0.5 * _logdet_identity_plus(y, p / (n * eps)).sum(-1)
 
 
 def expansion_rate(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """R per image. z: (B, n, d) tokens -> (B,)."""
+    """R per image: 1/2 logdet(I_n + d / (n eps) Z Z^T), Z = z with unit-norm rows.
+
+    z: (B, n, d) float tokens -> (B,) in z's dtype; errors as coding_rate. Source: the expansion term
+    of the rate-reduction objective (Yu et al., NeurIPS 2023), which the official code never shipped,
+    with coding_rate.py's normalization and eps."""
     y = z / z.norm(dim=-1, keepdim=True)
     n, d = y.shape[-2:]
     return 0.5 * _logdet_identity_plus(y, d / (n * eps))
 
 
 def zero_fraction(x: torch.Tensor) -> torch.Tensor:
-    """Fraction of exact zeros per image. x: (B, n, d) -> (B,)."""
+    """Fraction of exact zeros per image. x: (B, ...) any dtype -> (B,) fp32.
+
+    Source: Ma-Lab-Berkeley/CRATE vis_utils/plot.py `cal_sparsity` (count of zeros / (n * d))."""
     return (x == 0).flatten(1).float().mean(1)
 
 
@@ -55,19 +65,23 @@ def _float_model(model: CRATE) -> CRATE:
 
 
 @torch.no_grad()
-def layer_stats(model: CRATE, images: torch.Tensor, eps: float = EPS) -> list[dict]:
+def layer_stats(model: CRATE, images: torch.Tensor, eps: float = EPS, pos_interp: str = "dino") -> list[dict]:
     """One dict per layer: coding_rate, coding_rate_std, expansion_rate, expansion_rate_std,
-    sparsity, sparsity_std, l0, l0_std (means and stds over the batch), computed in fp32.
+    sparsity, sparsity_std, l0, l0_std (means and stds over the batch, Python floats), computed in fp32.
 
+    images: (B, C, H, W) float, H and W divisible by the patch; off the training grid the position table
+    is resized by `pos_interp` ("dino", the CRATE notebooks' way, or "size", the model's forward).
     The layers run exactly as CRATEBlock.forward does, step by step: no hooks are registered, so
-    nothing lingers on the model after the call."""
+    nothing lingers on the model after the call; a 16-bit model is copied to fp32; the mode is restored.
+    Raises ValueError for a bad image size or pos_interp. Source: Ma-Lab-Berkeley/CRATE
+    vis_utils/crate_hook.py (R^c of each layer's qkv output, sparsity of each ISTA output)."""
     model = _float_model(model)
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         with torch.autocast(device.type, enabled=False):
-            x = model.embed(images.to(device, torch.float32))
+            x = model.embed(images.to(device, torch.float32), pos_interp=pos_interp)
             out = []
             for blk in model.blocks:
                 zn = blk.norm1(x)

@@ -153,16 +153,19 @@ class CRATE(nn.Module):
         self.config = self.config.replace(impl=impl)
         return self
 
-    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position table for a patch grid, interpolated when it differs from the config's."""
-        return resample_pos_embed(self.pos_embed, self.config.grid_size, grid)
+    def pos_embed_for(self, grid: tuple[int, int], method: str = "size") -> torch.Tensor:
+        """The (1, 1 + gh * gw, dim) position table for a patch grid (gh, gw): the table itself on the
+        config's grid, else bicubic-interpolated by `method` ("size", the default for training and
+        inference, or "dino", the CRATE notebooks' DINO formula; see layers.resample_pos_embed)."""
+        return resample_pos_embed(self.pos_embed, self.config.grid_size, grid, method)
 
-    def embed(self, img: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, 1 + patches, dim) tokens entering the first block."""
+    def embed(self, img: torch.Tensor, pos_interp: str = "size") -> torch.Tensor:
+        """(B, C, H, W) images -> (B, 1 + patches, dim) tokens entering the first block. `pos_interp`
+        chooses how the position table is resized off the config's grid (pos_embed_for's `method`)."""
         grid = self.patch_embed.grid(img)
         x = self.patch_embed(img)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed_for(grid)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed_for(grid, pos_interp)
         return self.pos_drop(x)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
