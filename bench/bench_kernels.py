@@ -120,14 +120,15 @@ def test_mssa(benchmark, mode, provider, dtype, shape):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ISTA. GPU: rows = B * 197 for B in {64, 256} at the preset widths. CPU: small, ratios only.
+# ISTA. GPU: rows = B * 197 for B in {64, 256} at the preset widths. CPU: small, ratios only. Each also
+# has one image (rows < C: the torch path's direct two-GEMM form; torch_ops.ista_uses_operator_form).
 # ---------------------------------------------------------------------------------------------------
 if CUDA:
     ISTA_SHAPES = {f"B{b}xC{c}": (b * 197, c) for b, c in
-                   [(256, 384), (256, 576), (256, 768), (256, 1024), (64, 768)]}
+                   [(256, 384), (256, 576), (256, 768), (256, 1024), (64, 768), (1, 768)]}
     ISTA_DTYPES = [torch.bfloat16]
 else:
-    ISTA_SHAPES = {"B32xC384": (32 * 65, 384), "B8xC768": (8 * 65, 768)}
+    ISTA_SHAPES = {"B32xC384": (32 * 65, 384), "B8xC768": (8 * 65, 768), "B1xC384": (65, 384)}
     ISTA_DTYPES = [torch.float32, torch.bfloat16]
 
 _COMPILED = {}

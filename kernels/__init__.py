@@ -8,7 +8,7 @@ impl (``IMPLS``; ``check_impl`` validates a name): "reference" (literal official
 under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs the kernels take, torch otherwise; decided
 once per device type, dtype and head dim). Under torch.autocast the matrix work runs in the autocast
 dtype, as F.linear's would; ISTA's residual and output keep the input's dtype. NaN and Inf propagate
-as in the reference (torch_ops.py notes the one exception of the operator-form ISTA).
+as in the reference (torch_ops.py notes where ISTA's exact reformulations place some Infs otherwise).
 
 Each function checks its inputs once; the implementations behind it take them as checked.
 """
@@ -60,7 +60,9 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
     """relu(x + eta (x W - x W^T W) - eta lambda). x: (..., C), weight: (C, C) -> (..., C).
 
     The output has x's dtype. Under torch.autocast the GEMM operands run in the autocast dtype while
-    the residual x and the output keep x's dtype (fp32), as autocast runs the official code."""
+    the residual x and the output keep x's dtype (fp32), as autocast runs the official code.
+    impl="torch" takes the operator form x (W - W^T W) for M >= C token rows and the two-GEMM form
+    (x - x W^T) W for fewer (torch_ops.ista_uses_operator_form); the Triton kernel is the operator form."""
     check_impl(impl)
     c = x.shape[-1]
     if weight.shape != (c, c):

@@ -55,24 +55,48 @@ def mssa_attention_torch(w: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# ISTA in operator form. The official step  relu(x + eta (x W - x W^T W) - eta lambda)  is linear in x
-# before the ReLU:  x W - x W^T W = x A  with the C x C operator  A = W - W^T W.  Forming A costs one
-# C x C x C product per step; then every token row needs ONE (M x C) x (C x C) GEMM instead of the
-# official three (or two for r = x - x W^T ; r W).  M = batch x tokens >> C, so this is the big saving.
+# ISTA, in one of two exact forms chosen by the number of token rows M against the width C.
+# The official step  relu(x + eta (x W - x W^T W) - eta lambda)  is linear in x before the ReLU, and
+#   x W - x W^T W = x A        with the C x C operator  A = W - W^T W        (operator form)
+#                 = r W        with the residual rows   r = x - x W^T         (direct form)
+# Why both (FLOPs per step; a GEMM (m x k) x (k x n) is 2mkn):
+#   operator  forward 2C^3 (A) + 2MC^2 (x A);  backward 2 x 2MC^2 (dx, dA) + 2 x 2C^3 (dA -> dW)
+#             = 6C^3 + 6MC^2 for forward + backward
+#   direct    forward 2 x 2MC^2 (x W^T, r W);  backward 4 x 2MC^2 (dr, dx, and dW = eta r^T g - dr^T x)
+#             = 12MC^2 for forward + backward
+# Both break even at M = C, for inference (2C^3 + 2MC^2 = 4MC^2) and for training alike. Training
+# batches have M = batch x tokens >> C and take the operator form; a few images (batch-1 inference,
+# analysis: M = 5 .. 197 tokens at C = 384 .. 768) take the direct form, whose cost shrinks with M
+# instead of paying the C^3 products on every call. ista_uses_operator_form is the rule; both forms
+# are exact in real arithmetic (float64 tests agree with the reference to ~1e-15).
+#
+# Operator form: A costs one C x C x C product per step; then every token row needs ONE (M x C) x (C x C)
+# GEMM instead of the official three (or two for the direct form).
 #   A = W - W^T W                         plain autograd ops, in the weight's dtype (fp32 masters)
 #   out = relu(x + eta x_c A_c - eta lam)  x_c, A_c: x and A in the compute dtype (bf16 under autocast)
 #   backward of the apply step, g = dout * (out > 0):
 #     dx = g (the residual) ; dx_c = eta g_c A_c^T ; dA_c = eta x_c^T g_c
 #   and autograd turns dA into dW = dA - W (dA + dA^T) through the two C x C products.
-# 1 + 2 token GEMMs against 3 + 6 for autograd of the official form; exact in real arithmetic
-# (float64 tests agree with the reference to ~1e-15).
-# Under autocast the residual x and the output keep x's dtype (fp32), exactly as autocast runs the
-# official code (its elementwise x + update is fp32): only the GEMM operands are 16-bit.
-# Non-finite values: a NaN in x or W, or a row of x that is all +-Inf, lands where the reference puts
-# it, in the output and both gradients. A lone Inf in x, or an Inf in W, meets Infs of the other sign
-# in other products here (x (W - W^T W)) than in the reference (x W - (x W^T) W), so there NaN and
-# +-Inf can trade places (ista.py's kernel gives exactly this path's pattern).
+# 1 + 2 token GEMMs against 3 + 6 for autograd of the official form.
+# Direct form (_ISTADirect): 2 token GEMMs forward, 4 backward, no C x C x C product.
+#   r_c = x_c - x_c W_c^T ; out = relu(x + eta r_c W_c - eta lam)
+#   backward, g = dout * (out > 0):  dr = eta g_c W_c^T ; dx_c = dr - dr W_c ; dx = g (the residual) ;
+#   dW_c = eta r_c^T g_c - dr^T x_c
+# Under autocast, in both forms, the residual x and the output keep x's dtype (fp32), exactly as
+# autocast runs the official code (its elementwise x + update is fp32): only the GEMM operands are 16-bit.
+# Non-finite values: a NaN in x or W, or a row of x or of the upstream gradient that is all NaN or
+# +-Inf, lands where the reference puts it, in the output and both gradients, in both forms; so does a
+# lone Inf in x in the direct form. Otherwise Inf meets Infs of the other sign in other products than in
+# the reference's three (x W - (x W^T) W): a lone Inf in x in the operator form (x (W - W^T W)), an Inf
+# in W, or a lone Inf in the upstream gradient, in either form; there NaN and +-Inf can trade places
+# (ista.py's kernel gives exactly the operator form's pattern).
 # ---------------------------------------------------------------------------------------------------
+def ista_uses_operator_form(rows: int, width: int) -> bool:
+    """Whether ista_step_torch takes the operator form for `rows` token rows (M, the product of x's
+    leading dims) of width C: when M >= C, where it needs fewer FLOPs than the direct form (above)."""
+    return rows >= width
+
+
 def ista_operator(weight: torch.Tensor) -> torch.Tensor:
     """A = W - W^T W, the linear part of the ISTA step in row form (x W - x W^T W = x A)."""
     return torch.addmm(weight, weight.t(), weight, alpha=-1.0)
@@ -130,10 +154,51 @@ class _ISTAApply(torch.autograd.Function):
     backward = staticmethod(ista_apply_backward)
 
 
+class _ISTADirect(torch.autograd.Function):
+    """The direct form for 2-D x (M, C): relu(x + eta (x_c - x_c W_c^T) W_c - eta lambda); xc is x in
+    W_c's dtype, or None if x already is. 2 GEMMs forward, 4 backward (the comment above). Plain
+    autograd of the same expression also runs 2 + 4 GEMMs, with more elementwise passes (the eta
+    scalings, the gradient sums); this measured 0.82-0.98x of its forward + backward time at C = 384,
+    M = 5 .. 256, on one CPU thread (three runs)."""
+
+    @staticmethod
+    def forward(ctx, x, xc, wc, step_size, lambd):
+        xg = x if xc is None else xc
+        r = torch.addmm(xg, xg, wc.t(), alpha=-1.0)                     # r = x - x W^T, one rounding
+        if xc is None:
+            out = torch.addmm(x, r, wc, alpha=step_size)                # residual rides in the GEMM epilogue
+        else:
+            out = torch.add(x, torch.mm(r, wc), alpha=step_size)        # 16-bit GEMM, residual in x's dtype
+        out = out.sub_(step_size * lambd).relu_()
+        # out is the next layer's input and its sign is the ReLU mask, as in _ISTAApply.
+        ctx.save_for_backward(xg, wc, r, out)
+        ctx.step_size, ctx.separate = step_size, xc is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xg, wc, r, out = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(dout, out, 0)             # relu's backward (NaN passes dout)
+        gc = g.to(wc.dtype)
+        dr = torch.mm(gc, wc.t()).mul_(ctx.step_size)                   # dr = eta g W^T
+        dw = torch.mm(r.t(), gc).mul_(ctx.step_size)                    # eta r^T g ...
+        dw = torch.addmm(dw, dr.t(), xg, alpha=-1.0)                    # ... - dr^T x
+        dxg = torch.addmm(dr, dr, wc, alpha=-1.0)                       # dr - dr W
+        if ctx.separate:
+            return g, dxg, dw, None, None
+        return dxg.add_(g), None, dw, None, None
+
+
 def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x: (..., C), weight: (C, C) -> (..., C) in x's dtype; the same function as ista_step_ref.
-    GEMMs run in compute_dtype (default x's dtype); the operator is formed in the weight's dtype."""
+    GEMMs run in compute_dtype (default x's dtype); the operator form forms A in the weight's dtype.
+    The form follows ista_uses_operator_form(M, C), M the number of token rows."""
+    compute_dtype = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
-        x2, xc, a = ista_operands(x, weight, compute_dtype or x.dtype)
-        return _ISTAApply.apply(x2, xc, a, step_size, lambd).view(x.shape)
+        x2 = x.reshape(-1, x.shape[-1])
+        if ista_uses_operator_form(x2.shape[0], x2.shape[1]):
+            x2, xc, a = ista_operands(x2, weight, compute_dtype)
+            return _ISTAApply.apply(x2, xc, a, step_size, lambd).view(x.shape)
+        xc = None if compute_dtype == x.dtype else x2.to(compute_dtype)
+        return _ISTADirect.apply(x2, xc, weight.to(compute_dtype), step_size, lambd).view(x.shape)

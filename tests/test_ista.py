@@ -1,4 +1,6 @@
 """ISTA step against the float64 reference (the official 3-matmul form), for every fast implementation."""
+import math
+
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
@@ -6,10 +8,32 @@ from harness import assert_2x_rule, assert_rel, check_all, run_grads
 from tolerances import AUTOCAST_ATOL, FP64_RTOL
 
 from crate_fast.kernels import ista_step, ista_step_ref
+from crate_fast.kernels.torch_ops import ista_uses_operator_form
 
 # (leading shape, C): odd row counts, C off the block sizes, CRATE widths scaled down for the interpreter.
+# impl="torch" takes the direct two-GEMM form for M < C rows and the operator form for M >= C
+# (test_ista_torch_form_follows_rows_and_width): the first, third and fourth shapes are direct, the
+# others operator form.
 SHAPES = [((3, 17), 64), ((65,), 48), ((2, 5, 7), 100), ((1, 1), 32), ((3, 65), 96)]
 IMPLS = ["torch", "triton"]
+OPERATOR, DIRECT = "_ISTAApplyBackward", "_ISTADirectBackward"     # the torch path's autograd nodes
+
+
+def torch_form(lead, C) -> str:
+    """The autograd node that ista_step(impl="torch") builds for x of shape (*lead, C): which form ran."""
+    out = ista_step(torch.randn(*lead, C, requires_grad=True), torch.randn(C, C), impl="torch")
+    return out.grad_fn.next_functions[0][0].name()          # under the final view to x's shape
+
+
+def test_ista_torch_form_follows_rows_and_width():
+    """The operator form from M = C rows on (where it needs fewer FLOPs), the direct form below; the
+    shapes of the parity tests exercise both."""
+    forms = {(lead, C): torch_form(lead, C) for lead, C in SHAPES}
+    assert forms == {(lead, C): OPERATOR if ista_uses_operator_form(math.prod(lead), C) else DIRECT
+                     for lead, C in SHAPES}
+    assert [forms[s] for s in SHAPES] == [DIRECT, OPERATOR, DIRECT, DIRECT, OPERATOR]
+    assert torch_form((64,), 64) == OPERATOR and torch_form((63,), 64) == DIRECT      # the boundary M = C
+    assert torch_form((2, 32), 64) == OPERATOR and torch_form((0,), 64) == DIRECT
 
 
 def device_for(impl):
@@ -46,8 +70,10 @@ def test_ista_matches_reference(impl, lead, C, dtype):
     check_all(("out", "dx", "dW"), got, plain, truth)
 
 
-@pytest.mark.parametrize("lead,C", [((3, 17), 64), ((65,), 48)])
-def test_ista_torch_float64_is_exact(lead, C):
+@pytest.mark.parametrize("lead,C,form", [((3, 17), 64, DIRECT), ((65,), 48, OPERATOR), ((63,), 64, DIRECT),
+                                         ((64,), 64, OPERATOR)])
+def test_ista_torch_float64_is_exact(lead, C, form):
+    assert torch_form(lead, C) == form
     x, W = make(lead, C, torch.float64, "cpu")
     dout = torch.randn(x.shape, dtype=torch.float64)
     got = run_grads(lambda a, b: ista_step(a, b, impl="torch"), x, W, grad=dout)
@@ -87,10 +113,13 @@ def test_ista_computes_in_the_activation_dtype_with_a_higher_precision_dictionar
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ista_autocast_keeps_the_residual_stream_in_fp32(impl):
-    """Under autocast the official code's x + update runs in fp32 (only the GEMMs are bf16); so do we."""
+@pytest.mark.parametrize("lead,C,form", [((3, 65), 96, OPERATOR), ((3, 17), 64, DIRECT)], ids=["operator", "direct"])
+def test_ista_autocast_keeps_the_residual_stream_in_fp32(impl, lead, C, form):
+    """Under autocast the official code's x + update runs in fp32 (only the GEMMs are bf16); so do we,
+    in both forms of the torch path."""
+    assert torch_form(lead, C) == form
     dev = device_for(impl)
-    x, W = make((3, 65), 96, torch.float64, dev)
+    x, W = make(lead, C, torch.float64, dev)
     dout = torch.randn(x.shape, dtype=torch.float64, device=dev)
     truth = run_grads(ista_step_ref, x.cpu(), W.cpu(), grad=dout.cpu())
     got, plain = [], []

@@ -13,6 +13,7 @@ from harness import assert_rel, run_grads
 from tolerances import BF16_HEAD_DIM_128_ATOL
 
 from crate_fast.kernels import ista_step, ista_step_ref, mssa_attention, mssa_attention_ref
+from crate_fast.kernels.torch_ops import ista_uses_operator_form
 
 DEV = KERNEL_DEVICE
 
@@ -196,26 +197,56 @@ def test_mssa_first_key_blocks_all_minus_inf(impl):
     assert_same_nonfinite(("out", "dw"), got, ref)
 
 
-@numpy_nan_warnings
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("where,poison", [("x", p) for p in ROW_POISONS] + [("dout", p) for p in ROW_POISONS]
-                         + [("W", "nan"), ("W", "nan_row")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ista_nonfinite_like_reference(impl, where, poison, dtype):
-    """One row of x (a token), of the upstream gradient, or (NaN) of W poisoned. Inf in W, and a lone
-    Inf in x: test_ista_triton_nonfinite_like_torch."""
-    dev = _dev(impl)
-    x, W = torch.randn(3, 17, 48), (torch.rand(48, 48) * 2 - 1) * (6 / 48) ** 0.5   # official init scale
+def _ista_poisoned(lead, C, where, index, poison):
+    """x (*lead, C), W at the official init scale and an upstream gradient; x, W or dout poisoned."""
+    x, W = torch.randn(*lead, C), (torch.rand(C, C) * 2 - 1) * (6 / C) ** 0.5   # official init scale
     dout = torch.randn(x.shape)
     if where == "x":
-        x = poisoned(x, (1, 5), poison)
+        x = poisoned(x, index, poison)
     elif where == "W":
-        W = poisoned(W, (7,), poison)
+        W = poisoned(W, index, poison)
     else:
-        dout = poisoned(dout, (1, 5), poison)
+        dout = poisoned(dout, index, poison)
+    return x, W, dout
+
+
+# The torch path's two forms (torch_ops.py): the operator form x (W - W^T W) for M >= C token rows, the
+# direct form (x - x W^T) W for fewer. 3 x 17 = 51 rows of width 48: operator; 2 x 5 = 10: direct.
+OPERATOR_LEAD, DIRECT_LEAD, WIDTH = (3, 17), (2, 5), 48
+ROW_POISON_CASES = ([("x", p) for p in ROW_POISONS] + [("dout", p) for p in ROW_POISONS]
+                    + [("W", "nan"), ("W", "nan_row")])
+
+
+def test_ista_nonfinite_tests_cover_both_torch_forms():
+    assert ista_uses_operator_form(math.prod(OPERATOR_LEAD), WIDTH)
+    assert not ista_uses_operator_form(math.prod(DIRECT_LEAD), WIDTH)
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("where,poison", ROW_POISON_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ista_nonfinite_like_reference(impl, where, poison, dtype):
+    """One row of x (a token), of the upstream gradient, or (NaN) of W poisoned; the torch path in its
+    operator form, as the kernel. Inf in W, and a lone Inf in x: test_ista_triton_nonfinite_like_torch."""
+    dev = _dev(impl)
+    x, W, dout = _ista_poisoned(OPERATOR_LEAD, WIDTH, where, (7,) if where == "W" else (1, 5), poison)
     x, W, dout = (t.to(dev, dtype) for t in (x, W, dout))
     got = run_grads(lambda a, b: ista_step(a, b, impl=impl), x, W, grad=dout)
     ref = run_grads(ista_step_ref, x.cpu(), W.cpu(), grad=dout.cpu())
+    assert_same_nonfinite(("out", "dx", "dW"), got, ref)
+
+
+@pytest.mark.parametrize("where,poison", ROW_POISON_CASES + [("x", "+inf"), ("x", "-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ista_torch_direct_form_nonfinite_like_reference(where, poison, dtype):
+    """The torch path's direct form (fewer rows than the width) puts NaN and +-Inf where the reference
+    does for every poison of test_ista_nonfinite_like_reference, and also for a lone Inf in x, which the
+    operator form places otherwise (test_ista_triton_nonfinite_like_torch)."""
+    x, W, dout = _ista_poisoned(DIRECT_LEAD, WIDTH, where, (7,) if where == "W" else (1, 3), poison)
+    x, W, dout = (t.to(dtype) for t in (x, W, dout))
+    got = run_grads(lambda a, b: ista_step(a, b, impl="torch"), x, W, grad=dout)
+    ref = run_grads(ista_step_ref, x, W, grad=dout)
     assert_same_nonfinite(("out", "dx", "dW"), got, ref)
 
 
@@ -224,18 +255,14 @@ def test_ista_nonfinite_like_reference(impl, where, poison, dtype):
 @pytest.mark.parametrize("poison", ["nan", "+inf", "-inf", "+inf_row", "-inf_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ista_triton_nonfinite_like_torch(where, index, poison, dtype):
-    """The fused kernel gives the torch path's NaN/Inf pattern for every poison.
+    """The fused kernel gives the NaN/Inf pattern of the torch path's operator form (51 rows of width 48,
+    test_ista_nonfinite_tests_cover_both_torch_forms), the kernel's own form, for every poison.
 
     A lone Inf in x, or an Inf in W, is where both operator-form paths differ from the 3-product
     reference: there Inf meets Inf with opposite signs in different products (x W^T W against
     x (W - W^T W)), so the reference's NaN is sometimes +-Inf here and vice versa (a NaN anywhere, or a
     whole row of Inf, propagates identically: test_ista_nonfinite_like_reference)."""
-    x, W = torch.randn(3, 17, 48), (torch.rand(48, 48) * 2 - 1) * (6 / 48) ** 0.5
-    dout = torch.randn(x.shape)
-    if where == "x":
-        x = poisoned(x, index, poison)
-    else:
-        W = poisoned(W, index, poison)
+    x, W, dout = _ista_poisoned(OPERATOR_LEAD, WIDTH, where, index, poison)
     x, W, dout = (t.to(dtype) for t in (x, W, dout))
     got = run_grads(lambda a, b: ista_step(a, b, impl="triton"), *(t.to(KERNEL_DEVICE) for t in (x, W)),
                     grad=dout.to(KERNEL_DEVICE))
