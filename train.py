@@ -16,7 +16,8 @@ Finetune an official or crate-fast checkpoint on CIFAR-10:
 
 Every --data source brings a recipe (image size, epochs, optimizer, lr ...; crate_fast/recipes.py), which
 any flag overrides. The resolved config is printed and saved as RUN_DIR/config.json; RUN_DIR also gets
-metrics.jsonl (one row per epoch), last.pt and best.pt (written atomically by rank 0; crate_fast/runs.py).
+metrics.jsonl (one row per epoch), last.pt and best.pt (written atomically by rank 0; crate_fast/runs.py)
+and model.safetensors (the best model's weights alone, for crate_fast.load_weights or any framework).
 Files given to --resume and --finetune are read with torch.load(weights_only=True): nothing in them runs
 (--trust-checkpoint opts out for a file you trust). Progress is a bar on a terminal, else a log line
 every --log-every steps.
@@ -83,6 +84,7 @@ class TrainConfig:
     patch_size: int | None = None
     pool: str = "cls"
     dropout: float = 0.0
+    grad_checkpointing: bool = False         # recompute each block in the backward: less activation memory
     flip: bool | None = None
     scale: tuple[float, float] | None = None      # RandomResizedCrop area range (timm's name)
     ratio: tuple[float, float] | None = None      # RandomResizedCrop aspect-ratio range (timm's name)
@@ -210,6 +212,7 @@ class Trainer:
         self.model = crate_fast.create_model(cfg.arch, num_classes=self.data.num_classes, img_size=cfg.img_size,
                                              patch_size=cfg.patch_size, impl=cfg.impl, pool=cfg.pool,
                                              dropout=cfg.dropout).to(device)
+        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         if cfg.finetune:
             self._load_or_exit("--finetune", cfg.finetune, lambda: crate_fast.load_weights(
                 self.model, cfg.finetune, reset_head="auto", trusted=cfg.trust_checkpoint))
@@ -287,6 +290,7 @@ class Trainer:
         save_atomic(state, os.path.join(self.cfg.out, "last.pt"))
         if best:
             save_atomic(state, os.path.join(self.cfg.out, "best.pt"))
+            crate_fast.save_weights(self.model, os.path.join(self.cfg.out, "model.safetensors"))   # best weights
 
     # -- loops ---------------------------------------------------------------------------------------
     def autocast(self):

@@ -6,6 +6,7 @@
 - :func:`load_weights`: any weights for a crate_fast model (our own run checkpoints and state_dicts, or
   the official layout of the model's family), unwrapping the usual containers and prefixes.
 - :func:`load_official_state_dict` / :func:`to_official_state_dict`: the official layout, both ways.
+- :func:`save_weights`: our state_dict as ``.safetensors``.
 
 Loading is strict: a missing key, an unexpected key or a shape mismatch raises one error listing them
 all, and nothing is loaded. (The official finetune.py loads with strict=False under a 'module.' prefix
@@ -287,6 +288,22 @@ def load_weights(model: nn.Module, obj: Any, *, reset_head: bool | str = False, 
     and the analysis CLI. Returns the model."""
     sd = unwrap_state_dict(obj, trusted=trusted)
     return _load(model, sd, _layout_of(model, sd), reset_head=reset_head, ignore=ignore)
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's state_dict (our names) as a .safetensors file, atomically (temporary file, then
+    rename): the format any framework reads without running code. :func:`load_weights` reads it back."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,
+                  metadata={"format": "pt", "producer": "crate_fast"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def to_official_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:

@@ -67,6 +67,9 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(os.path.join(full, name), map_location="cpu", weights_only=True)   # nothing runs
         assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
+    from safetensors.torch import load_file
+    weights = load_file(os.path.join(full, "model.safetensors"))            # the best model's weights alone
+    assert weights.keys() == ckpt["model"].keys() and all(torch.equal(weights[k], v) for k, v in ckpt["model"].items())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -104,6 +107,15 @@ def test_compiled_run_with_cuda_graph_mode(tmp_path):
                        "--batch-size", "8"])
     (row,) = rows(out)
     assert row["epoch"] == 1 and row["val_samples"] > 0 and torch.isfinite(torch.tensor(row["train_loss"]))
+
+
+def test_grad_checkpointing_run(tmp_path):
+    out = str(tmp_path / "gc")
+    assert train.main(FAST + ["--epochs", "1", "--out", out, "--grad-checkpointing", "--synthetic-steps", "3",
+                              "--data", "synthetic", "--img-size", "16", "--patch-size", "4", "--batch-size", "8"]) == 0
+    (row,) = rows(out)
+    assert json.load(open(os.path.join(out, "config.json")))["grad_checkpointing"] is True
+    assert torch.isfinite(torch.tensor(row["train_loss"]))
 
 
 @pytest.mark.parametrize("args,match", [

@@ -59,7 +59,9 @@ class CRATEConfig:
         set_ = object.__setattr__  # frozen: normalize fields once, here
         set_(self, "img_size", to_2tuple(self.img_size, "img_size"))
         set_(self, "patch_size", to_2tuple(self.patch_size, "patch_size"))
-        check_positive(self, "dim", "depth", "heads", "in_chans", "num_classes")
+        check_positive(self, "dim", "depth", "heads", "in_chans")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {self.num_classes!r}")
         if self.dim_head is None:
             if self.dim % self.heads:
                 raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}; pass dim_head")
@@ -141,7 +143,13 @@ class CRATE(nn.Module):
             for _ in range(cfg.depth)
         )
         self.head_norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.grad_checkpointing = False
+        # timm's model contract (crate_fast.timm_models): sizes and the data config of the evaluation
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.dim
+        self.num_prefix_tokens = 1
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.dim, reduction=cfg.patch_size[0])
+                             for i in range(cfg.depth)]
 
     @property
     def impl(self) -> str:
@@ -168,17 +176,92 @@ class CRATE(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed_for(grid, pos_interp)
         return self.pos_drop(x)
 
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its inside in the backward (same gradients).
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """Tokens after the last CRATE block: (B, 1 + patches, dim). No final norm (official)."""
         x = self.embed(img)
         for blk in self.blocks:
-            x = blk(x)
+            x = self._block(blk, x)
         return x
 
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + patches, dim) tokens -> (B, num_classes) logits."""
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 1 + patches, dim) tokens -> (B, num_classes) logits; pre_logits=True: the normalized pooled
+        (B, dim) features the classifier reads (timm's contract)."""
         x = tokens.mean(dim=1) if self.config.pool == "mean" else tokens[:, 0]  # mean includes CLS
-        return self.head(self.head_norm(x))
+        x = self.head_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, img: torch.Tensor, indices: int | list[int] | None = None, *,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False, stop_early: bool = False):
+        """timm's forward_intermediates: the tokens leaving the selected blocks (indices: the last n blocks
+        for an int, else block numbers, negative from the end; default all). output_fmt "NCHW" gives
+        (B, dim, h, w) patch maps, "NLC" (B, patches, dim) tokens; return_prefix_tokens adds the CLS token
+        (B, 1, dim) to each. norm is refused (CRATE has no final norm before its head). Returns
+        (final tokens (B, 1 + patches, dim), list) or the list alone with intermediates_only."""
+        if norm:
+            raise ValueError("CRATE has no final norm on its tokens (the classifier's LayerNorm follows pooling)")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: the model has {depth} blocks")
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth if -depth <= i < depth else None for i in indices]
+            if None in take:
+                raise ValueError(f"indices {list(indices)} out of range for {depth} blocks")
+        gh, gw = self.patch_embed.grid(img)
+        x, out = self.embed(img), []
+        last = max(take) if stop_early else depth - 1
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = self._block(blk, x)
+            if i in take:
+                patches = x[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+                out.append((patches, x[:, :1]) if return_prefix_tokens else patches)
+        return out if intermediates_only else (x, out)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block during the backward instead of keeping its activations (timm's switch):
+        the same gradients for one more forward of the blocks."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for num_classes (0: none, forward returns pre-logits); global_pool
+        "token"/"avg" (timm) or "cls"/"mean" also switches the pooling."""
+        pool = self.config.pool
+        if global_pool is not None:
+            from ..timm_models import _POOLS
+
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {global_pool!r}")
+            pool = _POOLS[global_pool]
+        self.config = self.config.replace(num_classes=num_classes, pool=pool)
+        device, dtype = self.head_norm.weight.device, self.head_norm.weight.dtype
+        self.head = nn.Linear(self.config.dim, num_classes, device=device, dtype=dtype) if num_classes \
+            else nn.Identity()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's data config of this model (timm.data.resolve_data_config reads it)."""
+        from ..timm_models import pretrained_cfg
+
+        return pretrained_cfg(self)
+
+    default_cfg = pretrained_cfg
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))

@@ -1,0 +1,68 @@
+"""crate_fast models as timm models: ``import crate_fast`` registers every preset with timm (when timm
+is installed; it stays optional), so timm's tools take them:
+
+    >>> import crate_fast, timm
+    >>> timm.list_models("crate*")
+    >>> model = timm.create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
+    >>> timm.data.resolve_data_config({}, model=model)        # from model.pretrained_cfg
+
+timm's generic options map onto the config: ``global_pool`` "token" / "avg" -> pool "cls" / "mean",
+``in_chans``, ``img_size``, ``patch_size``, ``num_classes`` (0: no classifier, features only). Options
+the model does not have (drop_path_rate, a nonzero drop_rate, ...) are refused. No weights are
+downloaded: ``pretrained=True`` raises an error naming the file to fetch by hand (crate_fast.RELEASED).
+"""
+from __future__ import annotations
+
+from .registry import create_model, list_models
+from .released import RELEASED
+
+_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def pretrained_cfg(model) -> dict:
+    """timm's pretrained_cfg for a crate_fast classifier: input size, ImageNet mean/std, crop_pct and
+    interpolation of the official evaluation (resize 256 -> center 224, bicubic), the classifier name."""
+    cfg = model.config
+    return {"input_size": (cfg.in_chans, *cfg.img_size), "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center",
+            "interpolation": "bicubic", "num_classes": cfg.num_classes, "classifier": "head",
+            "license": "mit"}
+
+
+def _entrypoint(name: str):
+    def build(pretrained: bool = False, **kwargs):
+        for key in _TIMM_ONLY:
+            kwargs.pop(key, None)
+        if pretrained:
+            files = [f"{r.file} (crate_fast.load_released)" for r in RELEASED.values() if r.arch == name]
+            raise RuntimeError(f"crate-fast downloads no weights; for {name} fetch "
+                               f"{' or '.join(files) or 'a checkpoint'} by hand and load it with "
+                               "crate_fast.load_weights(model, path) (see the README's weights table)")
+        if "global_pool" in kwargs:
+            pool = kwargs.pop("global_pool")
+            if pool not in _POOLS:
+                raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool!r}")
+            kwargs["pool"] = _POOLS[pool]
+        if kwargs.pop("drop_rate", 0.0):
+            raise TypeError(f"{name} has no classifier dropout (drop_rate); its `dropout` is the attention dropout")
+        if kwargs.pop("drop_path_rate", 0.0):
+            raise TypeError(f"{name} has no stochastic depth (drop_path_rate)")
+        return create_model(name, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"crate_fast.create_model({name!r}) for timm.create_model."
+    build.__module__ = __name__
+    return build
+
+
+def register() -> bool:
+    """Register every crate_fast preset with timm (idempotent). Returns False when timm is missing."""
+    try:
+        from timm.models import is_model, register_model
+    except ImportError:
+        return False
+    for name in list_models():
+        if not is_model(name):
+            register_model(_entrypoint(name))
+    return True
