@@ -7,7 +7,8 @@ is installed; it stays optional), so timm's tools take them:
     >>> timm.data.resolve_data_config({}, model=model)        # from model.pretrained_cfg
 
 timm's generic options map onto the config: ``global_pool`` "token" / "avg" -> pool "cls" / "mean",
-``in_chans``, ``img_size``, ``patch_size``, ``num_classes`` (0: no classifier, features only). Options
+``in_chans``, ``img_size``, ``patch_size``, ``num_classes`` (0: no classifier), ``features_only`` with
+``out_indices`` (timm's FeatureGetterNet over forward_intermediates). Options
 the model does not have (drop_path_rate, a nonzero drop_rate, ...) are refused. No weights are
 downloaded: ``pretrained=True`` raises an error naming the file to fetch by hand (crate_fast.RELEASED).
 """
@@ -27,7 +28,8 @@ def pretrained_cfg(model) -> dict:
     return {"input_size": (cfg.in_chans, *cfg.img_size), "mean": (0.485, 0.456, 0.406),
             "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center",
             "interpolation": "bicubic", "num_classes": cfg.num_classes, "classifier": "head",
-            "license": "mit"}
+            # the first layer over pixels: a Linear on channel-last patches (after a LayerNorm), not a conv
+            "first_conv": "patch_embed.proj", "license": "mit"}
 
 
 def _entrypoint(name: str):
@@ -48,7 +50,13 @@ def _entrypoint(name: str):
             raise TypeError(f"{name} has no classifier dropout (drop_rate); its `dropout` is the attention dropout")
         if kwargs.pop("drop_path_rate", 0.0):
             raise TypeError(f"{name} has no stochastic depth (drop_path_rate)")
-        return create_model(name, **kwargs)
+        features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", 3)
+        model = create_model(name, **kwargs)
+        if features_only:      # timm's feature extractor over forward_intermediates (last 3 blocks, as ViTs)
+            from timm.models._features import FeatureGetterNet
+
+            return FeatureGetterNet(model, out_indices=out_indices, prune=False)
+        return model
 
     build.__name__ = name
     build.__doc__ = f"crate_fast.create_model({name!r}) for timm.create_model."

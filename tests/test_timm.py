@@ -89,6 +89,39 @@ def test_forward_intermediates_are_the_blocks_outputs():
         model.forward_intermediates(x, [3])
 
 
+def test_timm_default_cfg_checks():
+    """timm's test_model_default_cfgs_non_std (ViT-style models), on our presets."""
+    model = timm.create_model("crate_small", **SMALL).eval()
+    assert model.num_classes == 10 and model.num_features > 0 and model.head_hidden_size > 0
+    cfg, sd = model.default_cfg, model.state_dict()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pre = model.forward_head(tokens, pre_logits=True)
+        assert tokens.shape[-1] == model.num_features and pre.shape[1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and model(x).shape == pre.shape
+        fresh = timm.create_model("crate_small", **{**SMALL, "num_classes": 0}).eval()
+        assert fresh(x).shape[-1] == fresh.num_features
+    assert cfg["classifier"] + ".weight" in sd and cfg["first_conv"] + ".weight" in sd
+
+
+def test_timm_features_only():
+    """timm's test_model_forward_features / _intermediates: features_only=True, channels and reductions
+    as feature_info says, grad checkpointing leaves the output unchanged."""
+    net = timm.create_model("crate_tiny", features_only=True, **{**SMALL, "depth": 4}).eval()   # last 3 blocks
+    x = torch.randn(1, 3, 32, 32)
+    feats = net(x)
+    info = net.feature_info
+    assert len(feats) == 3 and info.channels() == [384] * 3 and info.reduction() == [8] * 3
+    assert all(f.shape == (1, 384, 4, 4) and not f.isnan().any() for f in feats)
+    model = create_model("crate_tiny", **SMALL).eval()
+    out, _ = model.forward_intermediates(x)
+    assert torch.allclose(out, model.forward_features(x))
+    model.set_grad_checkpointing()
+    torch.testing.assert_close(model.forward_intermediates(x)[0], out)
+
+
 def test_timm_feature_wrapper_takes_the_model():
     """timm's FeatureGetterNet (features_only for ViT-style models) drives forward_intermediates."""
     from timm.models._features import FeatureGetterNet

@@ -155,6 +155,10 @@ class CRATE(nn.Module):
     def impl(self) -> str:
         return self.config.impl
 
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
     def set_impl(self, impl: str) -> CRATE:
         """Use another MSSA/ISTA implementation from now on (one of crate_fast.kernels.IMPLS)."""
         set_impl(self, impl)
