@@ -8,7 +8,7 @@ naming the released file to fetch by hand (see the README's weights table and cr
 dependencies = ["torch"]
 
 from crate_fast import list_models as _list_models  # noqa: E402
-from crate_fast.timm_models import _entrypoint  # noqa: E402
+from crate_fast.timm_models import entrypoint as _entrypoint  # noqa: E402
 
 for _name in _list_models():
     globals()[_name] = _entrypoint(_name)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .registry import create_model, list_models
 from .released import RELEASED
 
-_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}
+GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}    # timm's global_pool -> pool
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
@@ -32,7 +32,8 @@ def pretrained_cfg(model) -> dict:
             "first_conv": "patch_embed.proj", "license": "mit"}
 
 
-def _entrypoint(name: str):
+def entrypoint(name: str):
+    """The timm / torch.hub entry point of a preset: build(pretrained=False, **timm_or_crate_fast_options)."""
     def build(pretrained: bool = False, **kwargs):
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)
@@ -43,9 +44,9 @@ def _entrypoint(name: str):
                                "crate_fast.load_weights(model, path) (see the README's weights table)")
         if "global_pool" in kwargs:
             pool = kwargs.pop("global_pool")
-            if pool not in _POOLS:
-                raise ValueError(f"global_pool must be one of {sorted(_POOLS)}, got {pool!r}")
-            kwargs["pool"] = _POOLS[pool]
+            if pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {pool!r}")
+            kwargs["pool"] = GLOBAL_POOLS[pool]
         if kwargs.pop("drop_rate", 0.0):
             raise TypeError(f"{name} has no classifier dropout (drop_rate); its `dropout` is the attention dropout")
         if kwargs.pop("drop_path_rate", 0.0):
@@ -72,5 +73,5 @@ def register() -> bool:
         return False
     for name in list_models():
         if not is_model(name):
-            register_model(_entrypoint(name))
+            register_model(entrypoint(name))
     return True
