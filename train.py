@@ -163,9 +163,27 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (out.impl != "triton" or out.device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1",
          "--impl triton needs a GPU (--device cuda); use --impl torch or auto on the CPU"),
     ]
+    pair = lambda v, lo, hi: v is not None and len(v) == 2 and lo <= v[0] <= v[1] <= hi  # noqa: E731
+    checks += [
+        (pair(out.scale, 1e-6, 1.0), f"--scale must be two numbers 0 < min <= max <= 1, got {out.scale}"),
+        (pair(out.ratio, 1e-6, 1e6), f"--ratio must be two numbers 0 < min <= max, got {out.ratio}"),
+        (0 < out.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {out.crop_pct}"),
+        (out.progressive is None or (len(out.progressive) == 3 and 0 < out.progressive[0] <= out.progressive[1]),
+         f"--progressive must be START_RES,END_RES,END_EPOCH with START <= END, got {out.progressive}"),
+        (out.workers >= 0 and out.warmup_epochs >= 0, "--workers and --warmup-epochs must be >= 0"),
+        (0 <= out.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {out.label_smoothing}"),
+    ]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"error: {msg}")
+    try:        # the model's own checks (sizes, pool, dropout) before any data is prepared
+        crate_fast.get_config(out.arch, img_size=out.img_size, patch_size=out.patch_size, pool=out.pool,
+                              dropout=out.dropout, impl=out.impl)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if out.eval_only and not (out.resume or out.finetune):
+        print("warning: --eval-only without --resume or --finetune evaluates a freshly initialized model",
+              file=sys.stderr)
     return out
 
 

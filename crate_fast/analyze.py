@@ -261,7 +261,9 @@ def main(argv=None) -> int:
         if not 0 <= args.fg_threshold < 1:
             raise ValueError(f"--fg-threshold must be in [0, 1), got {args.fg_threshold}")
         images, pictures = load_images(args.images, size)
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a file, not a directory")
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if data == "digits" and args.images is None:

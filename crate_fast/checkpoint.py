@@ -52,6 +52,9 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
     a checkpoint at all).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a directory; pass a file in it (a run's best.pt, "
+                                "last.pt or model.safetensors)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -70,14 +73,16 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         # weights_only refuses a pickle that names a global (a class or function) outside its
         # allow-list: that is what running code from a file takes. Any other failure is a broken file.
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
         if trusted or detail is None:
-            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({str(e).splitlines()[-2:]})") from e
+            why = next((line for line in lines if "Unsupported" in line or "load key" in line), lines[0])
+            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({why})") from e
         raise UnsafeCheckpointError(
             f"{path!r} holds objects other than tensors and plain containers ({detail}); loading it would run "
             "code from the file, so it was refused. If you made this file or trust its source, load it with "
             "trusted=True (train.py and the analysis CLI: --trust-checkpoint).") from e
-    except (RuntimeError, EOFError, OSError) as e:   # zip / legacy-format readers on foreign or cut files
+    except Exception as e:  # zip / legacy-pickle readers raise a zoo of errors on foreign or cut files
         raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
@@ -202,10 +207,15 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     """Strictly load sd, named in `layout`, into model; see load_official_state_dict for the options."""
     if reset_head not in (False, True, "auto"):
         raise ValueError(f"reset_head must be False, True or 'auto', got {reset_head!r}")
+    if isinstance(ignore, str):
+        raise TypeError(f"ignore must be a list of key names, got the string {ignore!r}")
+    if not sd:
+        raise ValueError("the checkpoint holds no tensors")
     ignore = set(ignore)
     absent = sorted(ignore - set(sd))
     if absent:
-        raise ValueError(f"ignore names keys the file does not have: {', '.join(absent[:20])}")
+        raise ValueError(f"ignore names keys the file does not have: {', '.join(absent[:20])} (names as in the "
+                         "file, after a 'module.' / '_orig_mod.' prefix is removed)")
     ours = model.state_dict()
     head = tuple(getattr(model, "head_keys", ("head.",)))
     pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
@@ -215,6 +225,8 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             continue
         name = layout.ours(k)
         if name is None or name not in ours:
+            if reset_head and name is not None and name.startswith(head):
+                continue               # a classifier the model does not have (num_classes=0): dropped
             unexpected.append(k)
             continue
         seen.add(name)
@@ -296,6 +308,10 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_weights writes safetensors: name the file *.safetensors, got {path!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"the folder of {path!r} does not exist")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,

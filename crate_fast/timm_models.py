@@ -56,6 +56,7 @@ def entrypoint(name: str):
         if features_only:      # timm's feature extractor over forward_intermediates (last 3 blocks, as ViTs)
             from timm.models._features import FeatureGetterNet
 
+            model.block_indices(out_indices)           # a bad choice fails here, not at the first forward
             return FeatureGetterNet(model, out_indices=out_indices, prune=False)
         return model
 

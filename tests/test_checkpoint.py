@@ -238,3 +238,28 @@ def test_the_analysis_cli_refuses_a_checkpoint_that_runs_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "evil.pt" in err and "--trust-checkpoint" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_loader_input_mistakes_get_clear_errors(tmp_path):
+    """Found by trying the loaders as a new user would."""
+    import pickle
+
+    from crate_fast import load_weights, read_checkpoint, save_weights
+    model = create_model("crate_tiny", num_classes=3, img_size=16, patch_size=8, depth=1)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="name the file \\*.safetensors"):
+        save_weights(model, tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="folder of"):
+        save_weights(model, tmp_path / "missing" / "x.safetensors")
+    with pytest.raises(TypeError, match="list of key names"):
+        load_weights(model, model.state_dict(), ignore="head.weight")
+    with pytest.raises(ValueError, match="holds no tensors"):
+        load_weights(model, {})
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=2)[:-1] + b"junk")
+    with pytest.raises(ValueError, match=r"not a readable PyTorch checkpoint \((?!\[)"):  # a message, not a list
+        read_checkpoint(tmp_path / "raw.pkl")
+    headless = create_model("crate_tiny", num_classes=0, img_size=16, patch_size=8, depth=1)
+    load_weights(headless, model.state_dict(), reset_head=True)        # a classifier checkpoint into a backbone
+    with pytest.raises(RuntimeError, match="unexpected keys .2.: head.weight, head.bias"):
+        load_weights(headless, model.state_dict())

@@ -85,7 +85,7 @@ def test_forward_intermediates_are_the_blocks_outputs():
         assert torch.equal(patches, final[:, 1:]) and torch.equal(cls, final[:, :1])
         early, (last,) = model.forward_intermediates(x, [0], stop_early=True)
         assert torch.equal(last, maps[0])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"block numbers in -3\.\.2"):
         model.forward_intermediates(x, [3])
 
 
@@ -176,3 +176,10 @@ def test_safetensors_round_trip(tmp_path):
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
     assert os.listdir(tmp_path) == ["model.safetensors"]          # no temporary file left behind
+
+
+def test_features_only_checks_its_blocks_at_creation():
+    with pytest.raises(ValueError, match="1 <= n <= 2"):
+        timm.create_model("crate_tiny", features_only=True, **SMALL)       # timm's default: the last 3 blocks
+    with pytest.raises(ValueError, match="block numbers in -2..1"):
+        timm.create_model("crate_tiny", features_only=True, out_indices=(5,), **SMALL)

@@ -128,6 +128,13 @@ def test_grad_checkpointing_run(tmp_path):
     (["--arch", "crate_huge"], "--arch must be one of"),
     (["--batch-size", "63", "--accum-steps", "2"], "not divisible"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--crop-pct", "2"], "--crop-pct must be in (0, 1]"),
+    (["--scale", "0.9,0.1"], "--scale must be two numbers"),
+    (["--ratio", "2"], "--ratio must be two numbers"),
+    (["--progressive", "1,2"], "--progressive must be"),
+    (["--label-smoothing", "2"], "--label-smoothing must be"),
+    (["--pool", "max"], "pool must be one of"),
+    (["--img-size", "15"], "not divisible by patch_size"),
 ])
 def test_bad_flags_give_clear_errors(tmp_path, args, match, capsys):
     with pytest.raises((SystemExit, FileNotFoundError)) as e:

@@ -212,17 +212,8 @@ class CRATE(nn.Module):
             raise ValueError("CRATE has no final norm on its tokens (the classifier's LayerNorm follows pooling)")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self.block_indices(indices)
         depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            if not 0 < indices <= depth:
-                raise ValueError(f"indices={indices}: the model has {depth} blocks")
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth if -depth <= i < depth else None for i in indices]
-            if None in take:
-                raise ValueError(f"indices {list(indices)} out of range for {depth} blocks")
         gh, gw = self.patch_embed.grid(img)
         x, out = self.embed(img), []
         last = max(take) if stop_early else depth - 1
@@ -234,6 +225,21 @@ class CRATE(nn.Module):
                     patches = patches.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
                 out.append((patches, x[:, :1]) if return_prefix_tokens else patches)
         return out if intermediates_only else (x, out)
+
+    def block_indices(self, indices: int | list[int] | None) -> list[int]:
+        """forward_intermediates' block selection as block numbers: None all, an int n the last n, a list
+        of block numbers (negative from the end). Raises ValueError naming the valid range."""
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: the last n blocks, 1 <= n <= {depth}")
+            return list(range(depth - indices, depth))
+        take = [i % depth if -depth <= i < depth else None for i in indices]
+        if None in take or not take:
+            raise ValueError(f"indices {list(indices)}: block numbers in -{depth}..{depth - 1}")
+        return take
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block during the backward instead of keeping its activations (timm's switch):
