@@ -124,6 +124,9 @@ class KeyMap:
 
     def __init__(self, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]):
         self.top, self.blocks = top, blocks
+        # the same renames read backwards, built once (from_official runs for every key of a file)
+        self._top_inv = {v: k for k, v in top.items()}
+        self._blocks_inv = {dst: (src, {v: k for k, v in inner.items()}) for src, (dst, inner) in blocks.items()}
 
     @staticmethod
     def _rename(key: str, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]) -> str | None:
@@ -146,9 +149,7 @@ class KeyMap:
 
     def from_official(self, key: str) -> str | None:
         """Official name -> ours (None if unknown)."""
-        top = {v: k for k, v in self.top.items()}
-        blocks = {dst: (src, {v: k for k, v in inner.items()}) for src, (dst, inner) in self.blocks.items()}
-        return self._rename(key, top, blocks)
+        return self._rename(key, self._top_inv, self._blocks_inv)
 
 
 def _key_map(model: nn.Module) -> KeyMap:

@@ -10,6 +10,7 @@ their training arguments as an ``argparse.Namespace``, which the reader allows e
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -58,18 +59,21 @@ def released_config_overrides(name: str) -> tuple[str, dict] | None:
     return (r.arch, r.overrides) if r else None
 
 
-def _meta_model(r: ReleasedFile) -> nn.Module:
+@functools.cache
+def _layout(name: str) -> tuple[type, dict[str, tuple]]:
+    """(model class, {official key: shape}) of a released file's model, built once on the meta device
+    (shapes only: no memory, no initialisation cost)."""
     from .registry import create_model
 
-    with torch.device("meta"):            # shapes only: no memory, no initialisation cost
-        return create_model(r.name)
+    with torch.device("meta"):
+        model = create_model(name)
+    shapes = {k: tuple(v.shape) for k, v in to_official_state_dict(model).items()}
+    return type(model), {**shapes, **RELEASED[name].ignore}
 
 
 def expected_shapes(r: ReleasedFile) -> dict[str, tuple]:
     """Every key of the file's state_dict (official names) and its shape."""
-    shapes = {k: tuple(v.shape) for k, v in to_official_state_dict(_meta_model(r)).items()}
-    shapes.update(r.ignore)
-    return shapes
+    return _layout(r.name)[1]
 
 
 def closest(sd: dict[str, torch.Tensor], model_class: type | None = None) -> tuple[ReleasedFile | None, list[str]]:
@@ -78,7 +82,7 @@ def closest(sd: dict[str, torch.Tensor], model_class: type | None = None) -> tup
     got = {k: tuple(v.shape) for k, v in sd.items()}
     best, best_score, best_diff = None, -1, []
     for r in RELEASED.values():
-        if model_class is not None and type(_meta_model(r)) is not model_class:
+        if model_class is not None and _layout(r.name)[0] is not model_class:
             continue
         want = expected_shapes(r)
         score = sum(got.get(k) == s for k, s in want.items())

@@ -18,6 +18,13 @@ from .registry import create_model, list_models
 from .released import RELEASED
 
 GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}    # timm's global_pool -> pool
+
+
+def pool_for(global_pool: str) -> str:
+    """Our pool ("cls" or "mean") for timm's global_pool name. Raises ValueError for any other name."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
+    return GLOBAL_POOLS[global_pool]
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
@@ -43,10 +50,7 @@ def entrypoint(name: str):
                                f"{' or '.join(files) or 'a checkpoint'} by hand and load it with "
                                "crate_fast.load_weights(model, path) (see the README's weights table)")
         if "global_pool" in kwargs:
-            pool = kwargs.pop("global_pool")
-            if pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {pool!r}")
-            kwargs["pool"] = GLOBAL_POOLS[pool]
+            kwargs["pool"] = pool_for(kwargs.pop("global_pool"))
         if kwargs.pop("drop_rate", 0.0):
             raise TypeError(f"{name} has no classifier dropout (drop_rate); its `dropout` is the attention dropout")
         if kwargs.pop("drop_path_rate", 0.0):

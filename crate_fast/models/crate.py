@@ -254,11 +254,9 @@ class CRATE(nn.Module):
         "token"/"avg" (timm) or "cls"/"mean" also switches the pooling."""
         pool = self.config.pool
         if global_pool is not None:
-            from ..timm_models import GLOBAL_POOLS
+            from ..timm_models import pool_for
 
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
-            pool = GLOBAL_POOLS[global_pool]
+            pool = pool_for(global_pool)
         self.config = self.config.replace(num_classes=num_classes, pool=pool)
         device, dtype = self.head_norm.weight.device, self.head_norm.weight.dtype
         self.head = nn.Linear(self.config.dim, num_classes, device=device, dtype=dtype) if num_classes \
