@@ -2,6 +2,8 @@
 
 - ``mssa_attention(w, scale=None, impl="auto")``: tied q = k = v softmax attention, (B, H, N, D).
 - ``ista_step(x, weight, step_size=0.1, lambd=0.1, impl="auto")``: one non-negative ISTA step, (..., C).
+- ``odl_step(x, D, D1, step_size=0.1, lambd=0.1, residual=None, impl="auto")``: CRATE-alpha's two-step
+  overcomplete sparse coding with a decoupled synthesis dictionary, (..., d).
 
 impl (``IMPLS``; ``check_impl`` validates a name): "reference" (literal official math, autograd),
 "torch" (fast PyTorch with hand-written backward, any device), "triton" (fused kernels; CUDA, or CPU
@@ -19,10 +21,11 @@ import math
 import torch
 
 from ._utils import IMPLS, auto_impl, autocast_cast, autocast_dtype, check_impl, triton_refusal
-from .reference import ista_step_ref, mssa_attention_ref
+from .reference import ista_step_ref, mssa_attention_ref, odl_step_ref
 from .torch_ops import ista_step_torch, mssa_attention_torch
 
-__all__ = ["IMPLS", "check_impl", "mssa_attention", "ista_step", "mssa_attention_ref", "ista_step_ref"]
+__all__ = ["IMPLS", "check_impl", "mssa_attention", "ista_step", "odl_step", "mssa_attention_ref", "ista_step_ref",
+           "odl_step_ref"]
 
 
 def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "auto") -> torch.Tensor:
@@ -86,3 +89,19 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
     from .ista import ista_step_triton
 
     return ista_step_triton(x, weight, float(step_size), float(lambd), compute_dtype)
+
+
+def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
+             residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """CRATE-alpha's ODL block: residual + relu(a1 - eta (a1 D^T - x) D - eta lambda) D1^T with
+    a1 = relu(eta x D - eta lambda). x: (..., d); D, D1: (d, m) -> (..., d). residual (x's shape) is
+    added to the output when given (the block's skip connection, z_half in the model)."""
+    check_impl(impl)
+    d = x.shape[-1]
+    if D.dim() != 2 or D.shape[0] != d or D1.shape != D.shape:
+        raise ValueError(f"D and D1 must both be ({d}, m) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(D.shape)} and {tuple(D1.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    out = odl_step_ref(x, D, D1, step_size, lambd)
+    return out if residual is None else residual + out

@@ -30,3 +30,20 @@ def ista_step_ref(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1,
     grad_2 = F.linear(x, weight.t())          # x W
     grad_update = step_size * (grad_2 - grad_1) - step_size * lambd
     return F.relu(x + grad_update)
+
+
+def odl_step_ref(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1,
+                 lambd: float = 0.1) -> torch.Tensor:
+    """CRATE-alpha's overcomplete dictionary learning (ODL) block, as the official torch port's
+    ``OvercompleteISTABlock`` (UCSC-VLAA/CRATE-alpha torch_inference/model/crate_alpha.py) computes it.
+
+    x: (..., d); D, D1: (d, m) (m = 4d atoms in every preset) -> (..., d), autograd backward.
+    Two non-negative ISTA steps from a zero code, then the decoupled synthesis dictionary D1:
+        a1 = relu(eta x D - eta lambda)
+        a2 = relu(a1 - eta (a1 D^T - x) D - eta lambda)
+        out = a2 D1^T
+    """
+    a1 = F.relu(step_size * torch.matmul(x, D) - step_size * lambd)
+    lasso_grad = torch.matmul(torch.matmul(a1, D.t()) - x, D)
+    a2 = F.relu(a1 - step_size * lasso_grad - step_size * lambd)
+    return torch.matmul(a2, D1.t())
