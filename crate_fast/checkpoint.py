@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import resample_pos_embed
+from .layers import resample_pos_embed, resize_patch_kernel
 
 _WRAPPERS = ("state_dict", "model")            # main.py / train.py and FAIR MAE / the demo notebooks
 _STRIP_PREFIXES = ("module.", "_orig_mod.")    # DataParallel/DDP, torch.compile
@@ -220,6 +220,8 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     ours = model.state_dict()
     head = tuple(getattr(model, "head_keys", ("head.",)))
     pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
+    pos_method = getattr(model, "pos_resample", "size")
+    patch_keys = set(getattr(model, "resized_patch_keys", ()))
     seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
     for k, v in sd.items():
         if k in ignore:
@@ -232,7 +234,10 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             continue
         seen.add(name)
         if name in pos_keys and v.dim() == 3 and v.shape[1] != ours[name].shape[1]:
-            v = resample_pos_embed(v, _square_grid(v.shape[1] - 1, k), model.config.grid_size)
+            v = resample_pos_embed(v, _square_grid(v.shape[1] - 1, k), model.config.grid_size, pos_method)
+        if name in patch_keys and v.dim() == 4 and v.shape[:2] == ours[name].shape[:2] \
+                and v.shape[2:] != ours[name].shape[2:]:
+            v = resize_patch_kernel(v, tuple(ours[name].shape[2:]))
         if v.shape != ours[name].shape:
             mismatched[name] = f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}"
             continue
@@ -277,7 +282,10 @@ def load_official_state_dict(model: nn.Module, obj: Any, *, reset_head: bool | s
 
     obj: a path (``.pt``/``.pth`` read with weights_only=True, or ``.safetensors``), a state_dict, or a
     checkpoint dict with 'state_dict' (main.py) or 'model' (demo notebooks, FAIR MAE); 'module.'
-    prefixes are stripped. A position table of another square patch grid is bicubically interpolated.
+    prefixes are stripped. A position table of another square patch grid is interpolated (the family's
+    ``pos_resample`` method: bicubic for CRATE, bilinear as scipy.ndimage.zoom for CRATE-alpha); a
+    convolutional stem kernel of another patch size is resized bilinearly where the family allows it
+    (``resized_patch_keys``: CRATE-alpha, as its fine-tuning recipe does).
     reset_head: True keeps the model's own (fresh) classifier, for another class count; "auto" does so
     only when the file's head has another shape. ignore: file keys to skip (e.g. a head the model does
     not have). trusted: see :func:`read_checkpoint`. Returns the model.

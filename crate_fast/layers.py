@@ -4,6 +4,10 @@
 - :class:`ISTA`: one non-negative ISTA sparse-coding step with a learned dictionary.
 - :class:`CRATEBlock`: ``z_half = z + MSSA(LN1(z)); z_next = ISTA(LN2(z_half))`` (no outer residual).
 - :class:`PatchEmbed`: official patchify (channel-last patches) -> LN -> Linear -> LN.
+- :class:`ODL`: CRATE-alpha's overcomplete dictionary learning block (two ISTA steps on a 4x
+  overcomplete dictionary D, synthesis by a decoupled dictionary D1).
+- :class:`CRATEAlphaBlock`: ``z_half = z + MSSA(LN1(z)); z_next = z_half + ODL(LN2(z_half))``.
+- :class:`ConvPatchEmbed`: Conv2d(kernel = stride = patch) patch embedding (CRATE-alpha, CRATE-MAE).
 
 Each takes ``impl`` (one of crate_fast.kernels.IMPLS); parameters never depend on it, and
 :func:`set_impl` switches every layer of a model at once.
@@ -14,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crate_fast.kernels import check_impl, ista_step, mssa_attention
+from crate_fast.kernels import check_impl, ista_step, mssa_attention, odl_step
 from crate_fast.kernels.reference import mssa_attention_ref
 
 
 def set_impl(module: nn.Module, impl: str) -> None:
-    """Switch every MSSA and ISTA layer inside `module` to `impl`. Raises ValueError for an unknown impl."""
+    """Switch every MSSA, ISTA and ODL layer inside `module` to `impl`. Raises ValueError for an unknown impl."""
     check_impl(impl)
     for m in module.modules():
-        if isinstance(m, (MSSA, ISTA)):
+        if isinstance(m, (MSSA, ISTA, ODL)):
             m.impl = impl
 
 
@@ -33,10 +37,11 @@ class MSSA(nn.Module):
     out = [softmax(w_k w_k^T / sqrt(dim_head)) w_k]_k U_out^T + b_out.
     ``dropout`` drops attention probabilities and the output, as the official Attention does; while
     training with dropout > 0 the attention runs on the reference path (the fused kernels have none).
+    ``out_bias=False`` drops b_out (CRATE-alpha's output projection has none).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int | None = None, dropout: float = 0.0,
-                 impl: str = "auto"):
+                 impl: str = "auto", out_bias: bool = True):
         super().__init__()
         dim_head = dim // heads if dim_head is None else dim_head
         inner = heads * dim_head
@@ -45,7 +50,7 @@ class MSSA(nn.Module):
         self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, inner, bias=False)   # U = [U_1 .. U_K], official name kept
         # The official code skips the output projection only for one head spanning the whole width.
-        self.out = nn.Linear(inner, dim) if not (heads == 1 and dim_head == dim) else None
+        self.out = nn.Linear(inner, dim, bias=out_bias) if not (heads == 1 and dim_head == dim) else None
         self.out_drop = nn.Dropout(dropout)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +124,112 @@ class CRATEBlock(nn.Module):
         return self.ista(self.norm2(z_half))
 
 
+def patch_grid(img: torch.Tensor, patch_size: tuple[int, int], in_chans: int) -> tuple[int, int]:
+    """The patch grid (gh, gw) of (B, in_chans, H, W) images. Raises ValueError for another layout,
+    channel count, or a size the patch does not divide."""
+    if img.dim() != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(img.shape)}")
+    _, c, h, w = img.shape
+    p1, p2 = patch_size
+    if c != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {c}")
+    if h % p1 or w % p2:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p1}x{p2}")
+    return h // p1, w // p2
+
+
+class ODL(nn.Module):
+    """CRATE-alpha's overcomplete dictionary learning block (Yang et al., "Scaling White-Box Transformers
+    for Vision", NeurIPS 2024; the official port's ``OvercompleteISTABlock``). x: (..., dim) -> (..., dim):
+
+        a1 = relu(eta x D - eta lambda);  a2 = relu(a1 - eta (a1 D^T - x) D - eta lambda);  out = a2 D1^T
+
+    D, D1: (dim, ratio * dim) analysis and (decoupled) synthesis dictionaries. forward(x, residual)
+    returns residual + out, with the add fused where the impl can (crate_fast.kernels.odl_step).
+    """
+
+    def __init__(self, dim: int, overcomplete_ratio: int = 4, step_size: float = 0.1, lambd: float = 0.1,
+                 impl: str = "auto"):
+        super().__init__()
+        self.D = nn.Parameter(torch.empty(dim, overcomplete_ratio * dim))
+        self.D1 = nn.Parameter(torch.empty(dim, overcomplete_ratio * dim))
+        self.step_size, self.lambd = step_size, lambd
+        self.impl = check_impl(impl)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The JAX trainer's init (flax kaiming_uniform on a (dim, m) kernel: fan_in = dim), which trained
+        # the published models: U(+-sqrt(6 / dim)). (The inference port's torch kaiming_uniform_ takes
+        # fan_in = m = 4 dim, a 2x narrower range; it only ever loads trained weights.)
+        bound = (6.0 / self.D.shape[0]) ** 0.5
+        nn.init.uniform_(self.D, -bound, bound)
+        nn.init.uniform_(self.D1, -bound, bound)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return odl_step(x, self.D, self.D1, self.step_size, self.lambd, residual=residual, impl=self.impl)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse codes a2 (..., ratio * dim) of x, in fp32 (for the white-box analysis)."""
+        x, D = x.float(), self.D.float()
+        a1 = torch.relu(self.step_size * (x @ D) - self.step_size * self.lambd)
+        return torch.relu(a1 - self.step_size * ((a1 @ D.t() - x) @ D) - self.step_size * self.lambd)
+
+    def extra_repr(self) -> str:
+        d, m = self.D.shape
+        return f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
+
+
+class CRATEAlphaBlock(nn.Module):
+    """One CRATE-alpha layer: ``z_half = z + MSSA(LN1(z)); z_next = z_half + ODL(LN2(z_half))``.
+
+    Both MSSA projections are bias-free and every LayerNorm has eps 1e-6 (the official port and the JAX
+    model). drop_path > 0 drops each residual branch per sample (timm's DropPath, as the JAX trainer's
+    DropPath on both branches; timm must be installed for it)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int | None = None, overcomplete_ratio: int = 4,
+                 step_size: float = 0.1, lambd: float = 0.1, dropout: float = 0.0, drop_path: float = 0.0,
+                 impl: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = MSSA(dim, heads, dim_head, dropout=dropout, impl=impl, out_bias=False)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.odl = ODL(dim, overcomplete_ratio, step_size=step_size, lambd=lambd, impl=impl)
+        if drop_path > 0:
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = None
+
+    def set_impl(self, impl: str) -> None:
+        set_impl(self, impl)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.drop_path is None or not self.training:
+            z_half = z + self.attn(self.norm1(z))
+            return self.odl(self.norm2(z_half), residual=z_half)     # the residual add rides in the op
+        z_half = z + self.drop_path(self.attn(self.norm1(z)))
+        return z_half + self.drop_path(self.odl(self.norm2(z_half)))
+
+
+class ConvPatchEmbed(nn.Module):
+    """Conv2d(in_chans, dim, kernel = stride = patch, bias) patch embedding: (B, C, H, W) -> (B, gh*gw,
+    dim), patches in row-major grid order (the CRATE-alpha stem, timm's and FAIR MAE's PatchEmbed)."""
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size, self.in_chans = tuple(patch_size), in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def grid(self, img: torch.Tensor) -> tuple[int, int]:
+        return patch_grid(img, self.patch_size, self.in_chans)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        self.grid(img)
+        return self.proj(img).flatten(2).transpose(1, 2)
+
+
 class PatchEmbed(nn.Module):
     """Official patch embedding: 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', LN(patch_dim), Linear, LN(dim).
 
@@ -134,15 +245,7 @@ class PatchEmbed(nn.Module):
         self.norm_out = nn.LayerNorm(dim)
 
     def grid(self, img: torch.Tensor) -> tuple[int, int]:
-        if img.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(img.shape)}")
-        _, c, h, w = img.shape
-        p1, p2 = self.patch_size
-        if c != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {c}")
-        if h % p1 or w % p2:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p1}x{p2}")
-        return h // p1, w // p2
+        return patch_grid(img, self.patch_size, self.in_chans)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         gh, gw = self.grid(img)
@@ -152,9 +255,10 @@ class PatchEmbed(nn.Module):
         return self.norm_out(self.proj(self.norm_in(x)))
 
 
+
 def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
                        new_grid: tuple[int, int], method: str = "size") -> torch.Tensor:
-    """Bicubic resize of a (1, 1 + gh*gw, C) position table with a leading CLS row to a new patch grid.
+    """Resize a (1, 1 + gh*gw, C) position table with a leading CLS row to a new patch grid.
 
     pos_embed: (1, 1 + gh * gw, C), any float dtype (16-bit tables are resized in fp32, fp64 stays
     fp64; the result has the table's dtype). old_grid (gh, gw): the grid the table was trained on;
@@ -172,9 +276,12 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
           training grid this is DINO's (w0 + 0.1) / sqrt(N), w0 the new rows (DINO's `w` is the image's
           dimension 2, its height), N = gh * gw. The two methods differ by several tenths on a
           unit-variance table (0.34 at most on a seeded 14x14 -> 28x28 one).
+      "zoom": scipy.ndimage.zoom(order=1) of the grid, which CRATE-alpha's JAX code uses when it
+          finetunes at another grid (official models/crate.py resample_posemb): bilinear with the corner
+          rows mapped onto each other, F.interpolate(mode="bilinear", align_corners=True).
     Raises ValueError for an unknown method or a table whose patch rows are not gh * gw."""
-    if method not in ("size", "dino"):
-        raise ValueError(f"method must be 'size' or 'dino', got {method!r}")
+    if method not in ("size", "dino", "zoom"):
+        raise ValueError(f"method must be 'size', 'dino' or 'zoom', got {method!r}")
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
@@ -185,6 +292,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
     grid = grid.reshape(1, old_grid[0], old_grid[1], C).permute(0, 3, 1, 2).to(work)
     if method == "size":
         grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    elif method == "zoom":
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=True)
     else:
         scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False,
@@ -193,3 +302,14 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
             raise RuntimeError(f"DINO interpolation gave a {tuple(grid.shape[-2:])} grid, not {tuple(new_grid)}")
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
     return torch.cat([cls, grid], dim=1)
+
+
+def resize_patch_kernel(weight: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """A (dim, C, p, q) convolutional stem kernel resized bilinearly to (dim, C, *patch_size), as
+    CRATE-alpha's JAX loader does when a checkpoint of another patch size seeds a fine-tuning
+    (``jax.image.resize(kernel, shape, "bilinear")``, official models/common.py merge_params): half-pixel
+    centers, antialiased when shrinking. 16-bit kernels are resized in fp32; returns weight's dtype."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    out = F.interpolate(weight.to(work), size=tuple(patch_size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.to(weight.dtype)

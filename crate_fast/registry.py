@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models import crate
+from .models import crate, crate_alpha
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("crate", "CRATE", crate.CRATEConfig, crate.CRATE, crate.PRESETS,
            "Yu et al., White-Box Transformers via Sparse Rate Reduction, NeurIPS 2023"),
+    Family("crate_alpha", "CRATE-alpha", crate_alpha.CRATEAlphaConfig, crate_alpha.CRATEAlpha, crate_alpha.PRESETS,
+           "Yang et al., Scaling White-Box Transformers for Vision, NeurIPS 2024"),
 ]}
 _BY_NAME: dict[str, Family] = {name: f for f in FAMILIES.values() for name in f.presets}
 
@@ -74,4 +76,5 @@ def create_model(name: str, **overrides) -> nn.Module:
     are 224 px, patch 16, 1000 classes.
     """
     cfg = get_config(name, **overrides)
-    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config_class)).model_class(cfg)
+    # exact type: a family's config may extend another's (CRATEAlphaConfig is a CRATEConfig)
+    return next(f for f in FAMILIES.values() if type(cfg) is f.config_class).model_class(cfg)

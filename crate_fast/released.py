@@ -50,6 +50,16 @@ RELEASED: dict[str, ReleasedFile] = {r.name: r for r in [
         "CRATE-B at patch 8 with 6 heads of 128 (ImageNet-21K); its classifier is LayerNorm + Linear(768, 768) "
         "and the file carries an extra 21,842-class `head` the notebook never uses.",
         ignore={"head.weight": (21842, 768), "head.bias": (21842,)}),
+    ReleasedFile(
+        "crate_alpha_base_in1k", "crate_alpha_B16.pth (CRATE-alpha-B/16)", "crate_alpha_base", {},
+        "a raw state_dict of the official PyTorch port (conv1.*, transformer.layers.*, mlp_head.*)",
+        "huggingface.co/UCSC-VLAA/CRATE-alpha, torch/ (linked from the official README)",
+        "IN-21K pretrained, IN-1K finetuned, 224 px; 81.2% IN-1K top-1 (official README)."),
+    ReleasedFile(
+        "crate_alpha_large_in1k", "crate_alpha_L14.pth (CRATE-alpha-L/14)", "crate_alpha_large", {},
+        "a raw state_dict of the official PyTorch port (conv1.*, transformer.layers.*, mlp_head.*)",
+        "huggingface.co/UCSC-VLAA/CRATE-alpha, torch/ (linked from the official README)",
+        "IN-21K pretrained, IN-1K finetuned, 224 px; 83.9% IN-1K top-1 (official README)."),
 ]}
 
 

@@ -14,7 +14,7 @@ downloaded: ``pretrained=True`` raises an error naming the file to fetch by hand
 """
 from __future__ import annotations
 
-from .registry import create_model, list_models
+from .registry import create_model, family_of, list_models
 from .released import RELEASED
 
 GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}    # timm's global_pool -> pool
@@ -35,7 +35,7 @@ def pretrained_cfg(model) -> dict:
     return {"input_size": (cfg.in_chans, *cfg.img_size), "mean": (0.485, 0.456, 0.406),
             "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center",
             "interpolation": "bicubic", "num_classes": cfg.num_classes, "classifier": "head",
-            # the first layer over pixels: a Linear on channel-last patches (after a LayerNorm), not a conv
+            # the first layer over pixels (CRATE: a Linear on channel-last patches; CRATE-alpha: a conv)
             "first_conv": "patch_embed.proj", "license": "mit"}
 
 
@@ -53,8 +53,11 @@ def entrypoint(name: str):
             kwargs["pool"] = pool_for(kwargs.pop("global_pool"))
         if kwargs.pop("drop_rate", 0.0):
             raise TypeError(f"{name} has no classifier dropout (drop_rate); its `dropout` is the attention dropout")
-        if kwargs.pop("drop_path_rate", 0.0):
-            raise TypeError(f"{name} has no stochastic depth (drop_path_rate)")
+        drop_path = kwargs.pop("drop_path_rate", 0.0)
+        if drop_path:
+            if "drop_path" not in family_of(name).config_class.__dataclass_fields__:
+                raise TypeError(f"{name} has no stochastic depth (drop_path_rate)")
+            kwargs["drop_path"] = drop_path
         features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", 3)
         model = create_model(name, **kwargs)
         if features_only:      # timm's feature extractor over forward_intermediates (last 3 blocks, as ViTs)
@@ -70,13 +73,21 @@ def entrypoint(name: str):
     return build
 
 
+def timm_models() -> list[str]:
+    """The presets timm serves: every image classifier (CRATE, CRATE-alpha); CRATE-MAE is a masked
+    autoencoder, outside timm's classifier contract."""
+    from .models.base import TokenClassifier
+
+    return [n for n in list_models() if issubclass(family_of(n).model_class, TokenClassifier)]
+
+
 def register() -> bool:
-    """Register every crate_fast preset with timm (idempotent). Returns False when timm is missing."""
+    """Register every classifier preset with timm (idempotent). Returns False when timm is missing."""
     try:
         from timm.models import is_model, register_model
     except ImportError:
         return False
-    for name in list_models():
+    for name in timm_models():
         if not is_model(name):
             register_model(entrypoint(name))
     return True

@@ -12,7 +12,11 @@ PAPER = {"crate_tiny": (6.09, 6_090_856), "crate_small": (13.12, 13_116_328),
 
 
 def test_list_models():
-    assert list_models() == sorted(PAPER)
+    assert list_models("crate") == sorted(PAPER)
+    assert list_models("crate_alpha") == sorted(f"crate_alpha_{s}" for s in ("tiny", "small", "base", "large", "huge"))
+    assert list_models() == sorted(n for f in crate_fast.FAMILIES.values() for n in f.presets)
+    with pytest.raises(ValueError, match="unknown model family"):
+        list_models("vit")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

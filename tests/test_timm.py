@@ -22,7 +22,8 @@ SMALL = dict(num_classes=10, img_size=32, patch_size=8, depth=2)
 
 
 def test_every_preset_is_a_timm_model():
-    assert timm.list_models("crate*") == sorted(crate_fast.list_models())
+    classifiers = crate_fast.list_models("crate") + crate_fast.list_models("crate_alpha")
+    assert timm.list_models("crate*") == sorted(classifiers) == crate_fast.timm_models.timm_models()
     m = timm.create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
     assert isinstance(m, crate_fast.CRATE) and m.config.dim_head == 48 and m.head.out_features == 10
     assert timm.create_model("crate_tiny", global_pool="avg", **SMALL).config.pool == "mean"
@@ -31,13 +32,14 @@ def test_every_preset_is_a_timm_model():
 def test_timm_options_the_model_lacks_and_pretrained_are_clear_errors():
     with pytest.raises(TypeError, match="drop_path_rate"):
         timm.create_model("crate_tiny", drop_path_rate=0.1)
+    assert timm.create_model("crate_alpha_tiny", drop_path_rate=0.1, **SMALL).config.drop_path == 0.1
     with pytest.raises(RuntimeError, match=r"downloads no weights.*CRATE_small.pth"):
         timm.create_model("crate_small", pretrained=True)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("crate_tiny", global_pool="max", **SMALL)
 
 
-@pytest.mark.parametrize("name", ["crate_tiny", "crate_small"])
+@pytest.mark.parametrize("name", ["crate_tiny", "crate_small", "crate_alpha_tiny"])
 def test_timm_model_contract(name):
     """timm's tests/test_models.py checks, per model: forward/backward, default cfg, data config,
     reset_classifier(0) -> num_features, forward_features + forward_head(pre_logits)."""

@@ -1,9 +1,12 @@
 """Model families, one file each, built from the shared blocks of crate_fast.layers:
 
 - :mod:`crate_fast.models.crate`: the CRATE classifier (Yu et al., NeurIPS 2023).
+- :mod:`crate_fast.models.crate_alpha`: CRATE-alpha, the scaled classifier (Yang et al., NeurIPS 2024).
+- :mod:`crate_fast.models.base`: what the classifiers share (pooling, head, timm's model contract).
 
 crate_fast.registry lists every family's presets; docs/DESIGN.md §7 says how to add a family.
 """
 from .crate import CRATE, CRATEConfig
+from .crate_alpha import CRATEAlpha, CRATEAlphaConfig
 
-__all__ = ["CRATE", "CRATEConfig"]
+__all__ = ["CRATE", "CRATEAlpha", "CRATEAlphaConfig", "CRATEConfig"]

@@ -1,0 +1,157 @@
+"""What every CRATE-family image classifier shares: pooling and head, timm's model contract, impl switching,
+gradient checkpointing, intermediate features. A family subclasses :class:`TokenClassifier` and builds
+``patch_embed`` (with a ``grid(img)`` method), ``pos_embed``, ``cls_token``, ``pos_drop``, ``blocks``,
+``head_norm`` and ``head`` in its __init__.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import resample_pos_embed, set_impl
+
+
+class TokenClassifier(nn.Module):
+    """Images -> embed (CLS + patch tokens) -> blocks -> pool (CLS token or mean) -> LN -> Linear.
+
+    Subclasses set ``config`` (a frozen dataclass with dim, num_classes, pool, impl, grid_size,
+    patch_size) and the modules named in the module docstring, then call :meth:`_init_contract`.
+    """
+
+    def _init_contract(self) -> None:
+        """timm's model contract (crate_fast.timm_models): sizes and the feature map of every block."""
+        cfg = self.config
+        self.grad_checkpointing = False
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.dim
+        self.num_prefix_tokens = 1
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.dim, reduction=cfg.patch_size[0])
+                             for i in range(cfg.depth)]
+
+    def embed(self, img: torch.Tensor, pos_interp: str = "size") -> torch.Tensor:
+        """(B, C, H, W) images -> (B, 1 + patches, dim) tokens entering the first block. `pos_interp`
+        chooses how the position table is resized off the config's grid (pos_embed_for's `method`)."""
+        grid = self.patch_embed.grid(img)
+        x = self.patch_embed(img)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed_for(grid, pos_interp)
+        return self.pos_drop(x)
+
+    @property
+    def impl(self) -> str:
+        return self.config.impl
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def set_impl(self, impl: str) -> TokenClassifier:
+        """Use another MSSA/ISTA implementation from now on (one of crate_fast.kernels.IMPLS)."""
+        set_impl(self, impl)
+        self.config = self.config.replace(impl=impl)
+        return self
+
+    def pos_embed_for(self, grid: tuple[int, int], method: str = "size") -> torch.Tensor:
+        """The (1, 1 + gh * gw, dim) position table for a patch grid (gh, gw): the table itself on the
+        config's grid, else bicubic-interpolated by `method` ("size", the default for training and
+        inference, or "dino", the CRATE notebooks' DINO formula; see layers.resample_pos_embed)."""
+        return resample_pos_embed(self.pos_embed, self.config.grid_size, grid, method)
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its inside in the backward (same gradients).
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block: (B, 1 + patches, dim). No final norm: the head's LayerNorm follows
+        pooling (both official models)."""
+        x = self.embed(img)
+        for blk in self.blocks:
+            x = self._block(blk, x)
+        return x
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 1 + patches, dim) tokens -> (B, num_classes) logits; pre_logits=True: the normalized pooled
+        (B, dim) features the classifier reads (timm's contract)."""
+        x = tokens.mean(dim=1) if self.config.pool == "mean" else tokens[:, 0]  # mean includes CLS
+        x = self.head_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, img: torch.Tensor, indices: int | list[int] | None = None, *,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False, stop_early: bool = False):
+        """timm's forward_intermediates: the tokens leaving the selected blocks (indices: the last n blocks
+        for an int, else block numbers, negative from the end; default all). output_fmt "NCHW" gives
+        (B, dim, h, w) patch maps, "NLC" (B, patches, dim) tokens; return_prefix_tokens adds the CLS token
+        (B, 1, dim) to each. norm is refused (the final LayerNorm follows pooling). Returns
+        (final tokens (B, 1 + patches, dim), list) or the list alone with intermediates_only."""
+        if norm:
+            raise ValueError(f"{type(self).__name__} has no final norm on its tokens (the classifier's LayerNorm "
+                             "follows pooling)")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self.block_indices(indices)
+        depth = len(self.blocks)
+        gh, gw = self.patch_embed.grid(img)
+        x, out = self.embed(img), []
+        last = max(take) if stop_early else depth - 1
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = self._block(blk, x)
+            if i in take:
+                patches = x[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+                out.append((patches, x[:, :1]) if return_prefix_tokens else patches)
+        return out if intermediates_only else (x, out)
+
+    def block_indices(self, indices: int | list[int] | None) -> list[int]:
+        """forward_intermediates' block selection as block numbers: None all, an int n the last n, a list
+        of block numbers (negative from the end). Raises ValueError naming the valid range."""
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: the last n blocks, 1 <= n <= {depth}")
+            return list(range(depth - indices, depth))
+        take = [i % depth if -depth <= i < depth else None for i in indices]
+        if None in take or not take:
+            raise ValueError(f"indices {list(indices)}: block numbers in -{depth}..{depth - 1}")
+        return take
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block during the backward instead of keeping its activations (timm's switch):
+        the same gradients for one more forward of the blocks."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for num_classes (0: none, forward returns pre-logits); global_pool
+        "token"/"avg" (timm) or "cls"/"mean" also switches the pooling."""
+        pool = self.config.pool
+        if global_pool is not None:
+            from ..timm_models import pool_for
+
+            pool = pool_for(global_pool)
+        self.config = self.config.replace(num_classes=num_classes, pool=pool)
+        device, dtype = self.head_norm.weight.device, self.head_norm.weight.dtype
+        self.head = nn.Linear(self.config.dim, num_classes, device=device, dtype=dtype) if num_classes \
+            else nn.Identity()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's data config of this model (timm.data.resolve_data_config reads it)."""
+        from ..timm_models import pretrained_cfg
+
+        return pretrained_cfg(self)
+
+    default_cfg = pretrained_cfg
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that recipes may exclude from weight decay (timm convention)."""
+        return {"cls_token", "pos_embed"}
