@@ -7,7 +7,7 @@
 from . import layers
 from .checkpoint import load_official_state_dict, load_weights, read_checkpoint, save_weights, to_official_state_dict
 from .kernels import IMPLS
-from .models import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig
+from .models import CRATE, CRATEMAE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
 from .registry import FAMILIES, create_model, get_config, list_models
 from .released import RELEASED, load_released
 from .timm_models import register as _register_with_timm
@@ -15,6 +15,7 @@ from .timm_models import register as _register_with_timm
 _register_with_timm()          # timm.create_model("crate_base") etc. when timm is installed (optional)
 
 __version__ = "0.1.0"
-__all__ = ["CRATE", "CRATEAlpha", "CRATEAlphaConfig", "CRATEConfig", "FAMILIES", "IMPLS", "RELEASED", "create_model", "get_config", "layers",
+__all__ = ["CRATE", "CRATEAlpha", "CRATEAlphaConfig", "CRATEConfig", "CRATEMAE", "CRATEMAEConfig", "FAMILIES", "IMPLS",
+           "RELEASED", "create_model", "get_config", "layers",
            "list_models", "load_official_state_dict", "load_released", "load_weights", "read_checkpoint",
            "save_weights", "to_official_state_dict"]

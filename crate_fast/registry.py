@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models import crate, crate_alpha
+from .models import crate, crate_alpha, crate_mae
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "Yu et al., White-Box Transformers via Sparse Rate Reduction, NeurIPS 2023"),
     Family("crate_alpha", "CRATE-alpha", crate_alpha.CRATEAlphaConfig, crate_alpha.CRATEAlpha, crate_alpha.PRESETS,
            "Yang et al., Scaling White-Box Transformers for Vision, NeurIPS 2024"),
+    Family("crate_mae", "CRATE-MAE", crate_mae.CRATEMAEConfig, crate_mae.CRATEMAE, crate_mae.PRESETS,
+           "Pai et al., Masked Autoencoding via Structured Diffusion with White-Box Transformers, ICLR 2024"),
 ]}
 _BY_NAME: dict[str, Family] = {name: f for f in FAMILIES.values() for name in f.presets}
 

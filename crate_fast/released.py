@@ -51,6 +51,13 @@ RELEASED: dict[str, ReleasedFile] = {r.name: r for r in [
         "and the file carries an extra 21,842-class `head` the notebook never uses.",
         ignore={"head.weight": (21842, 768), "head.bias": (21842,)}),
     ReleasedFile(
+        "crate_mae_base_in1k", "crate-mae-base-lmd0.5-checkpoint-799.pth (CRATE-MAE-Base)", "mae_crate_base", {},
+        "FAIR MAE save_model: {'model': state_dict (206 keys, no prefix), 'optimizer', 'epoch': 799, 'scaler', "
+        "'args': Namespace}",
+        "Google Drive link in the official README (Ma-Lab-Berkeley/CRATE, \"Training/Fine-Tuning CRATE-MAE\")",
+        "800 epochs of ImageNet-1K pretraining with lambda = 0.5 (the file's name and the official code agree); "
+        "whether norm_pix_loss was on is recorded only in the file's args (it changes the loss, not the weights)."),
+    ReleasedFile(
         "crate_alpha_base_in1k", "crate_alpha_B16.pth (CRATE-alpha-B/16)", "crate_alpha_base", {},
         "a raw state_dict of the official PyTorch port (conv1.*, transformer.layers.*, mlp_head.*)",
         "huggingface.co/UCSC-VLAA/CRATE-alpha, torch/ (linked from the official README)",
