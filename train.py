@@ -1,4 +1,5 @@
-"""Train (or finetune, or evaluate) a CRATE model.
+"""Train (or finetune, or evaluate) a CRATE-family model: CRATE and CRATE-alpha classifiers, CRATE-MAE
+masked-autoencoder pretraining.
 
 CPU, the embedded digits data set (the README's main job; about 2 minutes on 2 cores):
     torchrun --standalone --nproc_per_node=1 train.py --arch crate_tiny --data digits --out runs/digits
@@ -13,11 +14,20 @@ Several nodes (run on each; rendezvous at the first node):
 Survive preemption / killed workers: add --resume auto (and torchrun --max-restarts=3).
 Finetune an official or crate-fast checkpoint on CIFAR-10:
     torchrun --nproc_per_node=1 train.py --arch crate_small --data cifar10 --finetune CRATE_small.pth --out runs/c10
+CRATE-alpha, the paper's two stages (named recipes; --recipe picks one whatever the --data source):
+    torchrun --nproc_per_node=8 train.py --arch crate_alpha_base --recipe crate_alpha_in21k --data /data/in21k \
+        --out runs/a21k
+    torchrun --nproc_per_node=8 train.py --arch crate_alpha_base --recipe crate_alpha_in1k_ft --data /data/imagenet \
+        --finetune runs/a21k/model.safetensors --out runs/a1k
+CRATE-MAE pretraining (FAIR's MAE loop), then a linear probe of the encoder (--probe, scikit-learn):
+    torchrun --nproc_per_node=8 train.py --arch mae_crate_base --data /data/imagenet --out runs/mae --norm-pix-loss
+    python train.py --arch mae_crate_tiny --data digits --out runs/mae_digits --probe    # the CPU demo
 
-Every --data source brings a recipe (image size, epochs, optimizer, lr ...; crate_fast/recipes.py), which
-any flag overrides. The resolved config is printed and saved as RUN_DIR/config.json; RUN_DIR also gets
-metrics.jsonl (one row per epoch), last.pt and best.pt (written atomically by rank 0; crate_fast/runs.py)
-and model.safetensors (the best model's weights alone, for crate_fast.load_weights or any framework).
+Every --data source brings a recipe (image size, epochs, optimizer, lr ...; crate_fast/recipes.py), or
+--recipe names one (crate_alpha_in21k, crate_alpha_in1k_ft, mae_pretrain); any flag overrides them. The
+resolved config is printed and saved as RUN_DIR/config.json; RUN_DIR also gets metrics.jsonl (one row per
+epoch), last.pt and best.pt (written atomically by rank 0; crate_fast/runs.py) and model.safetensors (the
+best model's weights alone, for crate_fast.load_weights or any framework).
 Files given to --resume and --finetune are read with torch.load(weights_only=True): nothing in them runs
 (--trust-checkpoint opts out for a file you trust). Progress is a bar on a terminal, else a log line
 every --log-every steps.
@@ -27,7 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -58,6 +70,7 @@ class TrainConfig:
 
     arch: str = "crate_tiny"
     data: str = "digits"
+    recipe: str | None = None                # a named recipe (crate_fast/recipes.py) instead of --data's own
     out: str = "runs/run"
     impl: str = "auto"                       # one of crate_fast.IMPLS
     loader: str = "ffcv"                     # ffcv | torchvision
@@ -70,13 +83,18 @@ class TrainConfig:
     accum_steps: int = 1
     opt: str | None = None                   # lion | adamw
     lr: float | None = None
-    min_lr: float = 0.0
+    blr: float | None = None                 # base lr per 256 images: lr = blr x batch / 256 when --lr is not set
+    min_lr: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
-    wd_exclude: bool = False                 # no decay on norms, biases, pos/cls (the official code decays all)
+    wd_exclude: bool | None = None           # no decay on 1-D params, model.no_weight_decay() (CRATE decays all)
     warmup_epochs: float | None = None
     label_smoothing: float | None = None
-    grad_clip: float = 0.0                   # 0: off (the official main.py defines 1.0 but never applies it)
+    mixup: float | None = None               # mixup alpha (timm's Mixup; 0: off)
+    cutmix: float | None = None              # cutmix alpha (0: off)
+    mixup_prob: float | None = None          # probability of mixing a batch at all
+    mixup_switch_prob: float | None = None   # probability of cutmix instead of mixup when both are on
+    grad_clip: float | None = None           # 0: off (the official CRATE main.py defines 1.0 but never applies it)
     precision: str | None = None             # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
     compile: bool = False
     compile_mode: str = "default"            # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
@@ -84,12 +102,16 @@ class TrainConfig:
     patch_size: int | None = None
     pool: str = "cls"
     dropout: float = 0.0
+    drop_path: float | None = None           # stochastic depth of the last block, linear from 0 (CRATE-alpha)
+    mask_ratio: float | None = None          # CRATE-MAE: fraction of patches masked
+    norm_pix_loss: bool | None = None        # CRATE-MAE: per-patch standardized pixel targets
     grad_checkpointing: bool = False         # recompute each block in the backward: less activation memory
     flip: bool | None = None
     scale: tuple[float, float] | None = None      # RandomResizedCrop area range (timm's name)
     ratio: tuple[float, float] | None = None      # RandomResizedCrop aspect-ratio range (timm's name)
     crop_pct: float | None = None            # center-crop fraction at evaluation (224/256; timm's name)
-    randaugment: bool | None = None          # RandAugment(2, 14) per image on uint8 pixels (finetuning)
+    randaugment: bool | None = None          # RandAugment(2, --ra-magnitude) per image on uint8 pixels (finetuning)
+    ra_magnitude: int | None = None          # 14: the official CRATE finetune.py; 9: CRATE-alpha's
     progressive: tuple[int, int, int] | None = None   # (start res, end res, end epoch): FFCV's low-res recipe
     workers: int | None = None
     seed: int = 0
@@ -97,6 +119,7 @@ class TrainConfig:
     finetune: str | None = None              # weights to start from (crate-fast or official), new head
     trust_checkpoint: bool = False           # allow --resume/--finetune files that need code execution to load
     eval_only: bool = False
+    probe: bool = False                      # CRATE-MAE: linear probe of the encoder after training (and at init)
     stop_after: int | None = None            # end after this epoch as if preempted (resume later)
     synthetic_steps: int = 50
     max_nonfinite: int = 5                   # consecutive non-finite steps tolerated (skipped) before stopping
@@ -138,10 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# TrainConfig fields that are model config fields: passed to the --arch family's config when it has them.
+MODEL_FIELDS = ("img_size", "patch_size", "impl", "pool", "dropout", "drop_path", "mask_ratio", "norm_pix_loss")
+
+
+def family_of(cfg: TrainConfig) -> str:
+    return crate_fast.registry.family_of(cfg.arch).name
+
+
+def model_overrides(cfg: TrainConfig, num_classes: int | None = None) -> dict:
+    """The --arch model's config fields set by flags (or the recipe). A flag the family does not have is
+    an error unless it is left at its default. Raises SystemExit("error: ...")."""
+    fam = crate_fast.registry.family_of(cfg.arch)
+    fields = fam.config_class.__dataclass_fields__
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out = {"num_classes": num_classes} if num_classes is not None and "num_classes" in fields else {}
+    for name in MODEL_FIELDS:
+        value = getattr(cfg, name)
+        if name in fields and value is not None:
+            out[name] = value
+        elif name not in fields and value is not None and value != defaults[name]:
+            raise SystemExit(f"error: --{name.replace('_', '-')} does not apply to {fam.title} models ({cfg.arch})")
+    return out
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every None from the recipe and the machine; validate. Raises SystemExit("error: ...")."""
-    _, recipe = recipe_for(cfg.data)
+    if cfg.arch not in crate_fast.list_models():
+        raise SystemExit(f"error: --arch must be one of {crate_fast.list_models()}, got {cfg.arch!r}")
+    try:
+        _, recipe = recipe_for(cfg.data, cfg.recipe, family_of(cfg))
+    except ValueError as e:
+        raise SystemExit(f"error: --recipe: {e}") from e
     values = {k: (v if v is not None else recipe.get(k, DEFAULTS.get(k))) for k, v in dataclasses.asdict(cfg).items()}
+    if cfg.lr is None and values["blr"] is not None:          # FAIR's rule: lr = blr x effective batch / 256
+        values["lr"] = values["blr"] * values["batch_size"] / 256
     if values["betas"] is None:
         values["betas"] = BETAS.get(values["opt"])
     values["workers"] = values["workers"] or min(12, os.cpu_count() or 1)
@@ -152,13 +206,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (out.opt in BETAS, f"--opt must be lion or adamw, got {out.opt!r}"),
         (out.precision in ("bf16", "fp16", "fp32"), f"--precision must be bf16, fp16 or fp32, got {out.precision!r}"),
         (out.loader in ("ffcv", "torchvision"), f"--loader must be ffcv or torchvision, got {out.loader!r}"),
+        (out.blr is None or out.blr > 0, f"--blr must be positive, got {out.blr}"),
         (out.epochs > 0 and out.batch_size > 0 and out.lr > 0, "epochs, batch size and lr must be positive"),
         (out.accum_steps >= 1, "--accum-steps must be >= 1"),
         (out.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {COMPILE_MODES}, got {out.compile_mode!r}"),
         (out.compile or out.compile_mode == "default", "--compile-mode needs --compile"),
         (out.device in ("cpu", "cuda") or out.device.startswith("cuda:"), f"--device {out.device!r}"),
         (not out.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no GPU is visible"),
-        (out.arch in crate_fast.list_models(), f"--arch must be one of {crate_fast.list_models()}"),
         (out.impl in crate_fast.IMPLS, f"--impl must be one of {crate_fast.IMPLS}, got {out.impl!r}"),
         (out.impl != "triton" or out.device.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1",
          "--impl triton needs a GPU (--device cuda); use --impl torch or auto on the CPU"),
@@ -172,13 +226,24 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
          f"--progressive must be START_RES,END_RES,END_EPOCH with START <= END, got {out.progressive}"),
         (out.workers >= 0 and out.warmup_epochs >= 0, "--workers and --warmup-epochs must be >= 0"),
         (0 <= out.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {out.label_smoothing}"),
+        (out.mixup >= 0 and out.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (0 <= out.mixup_prob <= 1 and 0 <= out.mixup_switch_prob <= 1,
+         "--mixup-prob and --mixup-switch-prob must be in [0, 1]"),
+        (0 <= out.ra_magnitude <= 30, f"--ra-magnitude must be in 0..30, got {out.ra_magnitude}"),
+        (out.grad_clip >= 0 and out.min_lr >= 0, "--grad-clip and --min-lr must be >= 0"),
+    ]
+    mae = family_of(out) == "crate_mae"
+    mixing = out.mixup > 0 or out.cutmix > 0
+    checks += [
+        (not (mae and mixing), "--mixup/--cutmix mix labels; CRATE-MAE pretraining has none"),
+        (not out.probe or mae, "--probe (a linear probe of the encoder) is for CRATE-MAE runs"),
+        (not mixing or importlib.util.find_spec("timm") is not None, "--mixup/--cutmix need timm (pip install timm)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"error: {msg}")
-    try:        # the model's own checks (sizes, pool, dropout) before any data is prepared
-        crate_fast.get_config(out.arch, img_size=out.img_size, patch_size=out.patch_size, pool=out.pool,
-                              dropout=out.dropout, impl=out.impl)
+    try:        # the model's own checks (sizes, pool, dropout, mask ratio) before any data is prepared
+        crate_fast.get_config(out.arch, **model_overrides(out))
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
     if out.eval_only and not (out.resume or out.finetune):
@@ -226,10 +291,19 @@ class Trainer:
                                   data_root=cfg.data_root)
         if len(self.data.train) == 0:
             raise SystemExit(f"error: the training set has fewer samples than one batch ({self.micro_batch} per rank)")
+        self.mae = family_of(cfg) == "crate_mae"      # masked-autoencoder pretraining, no labels
         torch.manual_seed(cfg.seed)           # same initial weights on every rank
-        self.model = crate_fast.create_model(cfg.arch, num_classes=self.data.num_classes, img_size=cfg.img_size,
-                                             patch_size=cfg.patch_size, impl=cfg.impl, pool=cfg.pool,
-                                             dropout=cfg.dropout).to(device)
+        self.model = crate_fast.create_model(cfg.arch, **model_overrides(cfg, self.data.num_classes)).to(device)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:   # timm's Mixup/CutMix on the normalized batch; soft targets
+            from timm.data import Mixup
+
+            if self.micro_batch % 2:
+                raise SystemExit(f"error: mixup/cutmix pair images in a batch; the per-rank batch {self.micro_batch} "
+                                 "must be even")
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                               num_classes=self.data.num_classes)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         if cfg.finetune:
             self._load_or_exit("--finetune", cfg.finetune, lambda: crate_fast.load_weights(
@@ -245,7 +319,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.net = self._wrap(self.model)
         self.graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
-        self.epoch, self.step, self.best_top1, self.nonfinite_total = 0, 0, 0.0, 0
+        # best_score: val top-1 for classifiers, minus the val loss for MAE pretraining (higher is better)
+        self.epoch, self.step, self.best_score, self.nonfinite_total = 0, 0, -math.inf, 0
         self.flops = flops_per_image(self.model.config, training=True)
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
@@ -255,7 +330,7 @@ class Trainer:
         if cfg.randaugment:    # per image on uint8 pixels, as the official finetune.py (before normalizing)
             from crate_fast.data.augment import RandAugment
 
-            augment = RandAugment(num_ops=2, magnitude=14)
+            augment = RandAugment(num_ops=2, magnitude=cfg.ra_magnitude)
         return LoaderOptions(batch_size=self.micro_batch, img_size=cfg.img_size, num_workers=cfg.workers,
                              device=self.device, dtype=torch.float32, distributed=world > 1, seed=cfg.seed,
                              flip=cfg.flip, scale=cfg.scale, ratio=cfg.ratio, crop_pct=cfg.crop_pct,
@@ -286,7 +361,7 @@ class Trainer:
         """A run checkpoint: tensors and plain containers only (crate_fast.runs)."""
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best_top1": self.best_top1, "nonfinite_steps": self.nonfinite_total, "rng": rng_state(),
+                "best_score": self.best_score, "nonfinite_steps": self.nonfinite_total, "rng": rng_state(),
                 "config": dataclasses.asdict(self.cfg), "world_size": self.world, "arch": self.cfg.arch}
 
     def load(self, path: str) -> None:
@@ -295,7 +370,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step, self.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best_score = ckpt["best_score"] if "best_score" in ckpt else ckpt["best_top1"]   # older runs
         self.nonfinite_total = ckpt.get("nonfinite_steps", 0)
         set_rng_state(ckpt["rng"])
         if self.is_main:
@@ -314,8 +390,41 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.precision != "fp32")
 
+    def loss_of(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The training objective of one micro-batch: MAE reconstruction loss (noise: the masking noise,
+        None to draw it), else cross-entropy (on timm's mixed soft targets when mixup/cutmix is on)."""
+        if self.mae:
+            return self.net(images, noise=noise)[0]
+        if self.mixup is not None and self.net.training:
+            images, soft = self.mixup(images, labels)
+            return torch.sum(-soft * F.log_softmax(self.net(images).float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(self.net(images), labels, label_smoothing=self.cfg.label_smoothing)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
+        return self.evaluate_mae() if self.mae else self.evaluate_classifier()
+
+    @torch.no_grad()
+    def evaluate_mae(self) -> dict:
+        """Reconstruction loss on the validation set, every epoch under the same masks (noise drawn from a
+        generator seeded with --seed and the batch number), so epochs compare."""
+        self.net.eval()
+        loss_sum = n = 0.0
+        patches = self.model.config.num_patches
+        for i, (images, _) in enumerate(self.data.val):
+            if self.graphed:
+                torch.compiler.cudagraph_mark_step_begin()
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i * self.world + self.rank)
+            noise = torch.rand(images.shape[0], patches, generator=gen).to(self.device)
+            with self.autocast():
+                loss = self.loss_of(images, None, noise)
+            loss_sum += loss.float().item() * images.shape[0]
+            n += images.shape[0]
+        loss_sum, n = all_sum([loss_sum, n], self.device)
+        return {"val_loss": loss_sum / max(n, 1), "val_samples": int(n)}
+
+    @torch.no_grad()
+    def evaluate_classifier(self) -> dict:
         self.net.eval()
         loss_sum = top1 = top5 = n = 0.0
         for images, labels in self.data.val:
@@ -382,19 +491,19 @@ class Trainer:
             sync = last_micro or not hasattr(self.net, "no_sync")
             with self.net.no_sync() if not sync else contextlib.nullcontext():
                 with self.autocast():
-                    loss = F.cross_entropy(self.net(images), labels, label_smoothing=cfg.label_smoothing)
+                    loss = self.loss_of(images, labels)
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
             loss = loss.detach()
             finite = finite * torch.isfinite(loss)        # every micro-batch counts, not only the last
-            step_loss = step_loss + loss.float() * labels.numel()
-            seen += labels.numel()
+            step_loss = step_loss + loss.float() * images.shape[0]
+            seen += images.shape[0]
             if not last_micro:
                 continue
             lr = lr_at(self.step, base_lr=cfg.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                        min_lr=cfg.min_lr)
             if self.optimizer_step(finite, lr):
-                loss_sum, loss_n = loss_sum + step_loss, loss_n + labels.numel() * cfg.accum_steps
+                loss_sum, loss_n = loss_sum + step_loss, loss_n + images.shape[0] * cfg.accum_steps
             step_loss, finite = 0.0, torch.ones((), device=self.device)
             post = {}
             if self.is_main and self.step % cfg.log_every == 0:
@@ -411,6 +520,36 @@ class Trainer:
         return {"train_loss": total_loss / total_n if total_n else float("nan"), "img_per_s": total_seen / dt,
                 "lr": lr, "epoch_time": dt, "nonfinite_steps": self.nonfinite_total}
 
+    def probe(self) -> dict:
+        """A linear probe (crate_fast.probe: scikit-learn's logistic regression on frozen CLS features) of the
+        trained encoder and, for comparison, of the same encoder at initialization (--seed's weights).
+        Every rank extracts its shard of the features; rank 0 fits on all of them and writes
+        RUN_DIR/probe.json."""
+        from crate_fast.probe import linear_probe
+
+        torch.manual_seed(self.cfg.seed)             # the initial weights this run started from
+        init = crate_fast.create_model(self.cfg.arch, **model_overrides(self.cfg)).to(self.device)
+        rows = {}
+        for name, model in (("pretrained", self.model), ("init", init)):
+            rows[name] = linear_probe(model, self.data.train, self.data.val, gather=self.gather)
+        if self.is_main:
+            for name, row in rows.items():
+                print(f"linear probe ({name} encoder): train top-1 {row['train_top1']:.2f}  "
+                      f"val top-1 {row['val_top1']:.2f}", flush=True)
+            with open(os.path.join(self.cfg.out, "probe.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
+
+    def gather(self, array):
+        """Every rank's numpy array, concatenated along axis 0 (rank order); the array itself alone."""
+        if not dist.is_initialized():
+            return array
+        parts = [None] * self.world
+        dist.all_gather_object(parts, array)
+        import numpy as np
+
+        return np.concatenate(parts, axis=0)
+
     def fit(self) -> dict:
         cfg = self.cfg
         row = {}
@@ -422,15 +561,17 @@ class Trainer:
             row.update(epoch=self.epoch, step=self.step, time=time.time() - t)
             if self.peak:
                 row["mfu"] = row["img_per_s"] * self.flops / self.peak
-            best = row["val_top1"] > self.best_top1
-            self.best_top1 = max(self.best_top1, row["val_top1"])
+            score = -row["val_loss"] if self.mae else row["val_top1"]
+            best = score > self.best_score
+            self.best_score = max(self.best_score, score)
             self.save(best)
             if self.is_main:
                 with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
+                acc = "" if self.mae else f"top1 {row['val_top1']:.2f}  top5 {row['val_top5']:.2f}  "
                 print(f"epoch {self.epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-                      f"val_loss {row['val_loss']:.4f}  top1 {row['val_top1']:.2f}  top5 {row['val_top5']:.2f}  "
-                      f"{row['img_per_s']:.0f} img/s  {row['time']:.1f}s", flush=True)
+                      f"val_loss {row['val_loss']:.4f}  {acc}{row['img_per_s']:.0f} img/s  {row['time']:.1f}s",
+                      flush=True)
             if cfg.stop_after is not None and self.epoch >= cfg.stop_after and self.epoch < cfg.epochs:
                 if self.is_main:
                     print(f"stopping after epoch {self.epoch} (--stop-after); continue with --resume {cfg.out}")
@@ -448,7 +589,8 @@ def main(argv=None) -> int:
     try:
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
-            resolved = {**dataclasses.asdict(cfg), "world_size": world, "recipe": recipe_for(cfg.data)[0]}
+            resolved = {**dataclasses.asdict(cfg), "world_size": world,
+                        "recipe": recipe_for(cfg.data, cfg.recipe, family_of(cfg))[0]}
             print("config:", json.dumps(resolved, indent=1))
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(resolved, f, indent=1)
@@ -462,7 +604,10 @@ def main(argv=None) -> int:
         else:
             final = trainer.fit()
             if rank == 0 and final:
-                print(f"done: best top-1 {trainer.best_top1:.2f}%  (run dir {cfg.out})")
+                best = f"val loss {-trainer.best_score:.4f}" if trainer.mae else f"top-1 {trainer.best_score:.2f}%"
+                print(f"done: best {best}  (run dir {cfg.out})")
+        if cfg.probe:
+            trainer.probe()
         if dist.is_initialized():
             dist.barrier()      # leave together: rank 0 may still be writing its checkpoint
         return 0

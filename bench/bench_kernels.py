@@ -1,22 +1,25 @@
-"""Kernel benchmarks: MSSA attention and the ISTA step, fwd / bwd / fwd_bwd, every provider side by side.
+"""Kernel benchmarks: MSSA attention, the ISTA step and CRATE-alpha's ODL block, fwd / bwd / fwd_bwd, every
+provider side by side.
 
 On CUDA each provider is timed as replays of a CUDA graph of 10 calls (device time: an eager call of
 these small ops can cost more host time than GPU time); bench_model.py gives the eager, end-to-end view.
 
 TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, backward 2.5x (the
-FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward. A
-provider that does more arithmetic (the 3-matmul reference ISTA) therefore shows a lower rate.
+FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward; ODL forward
+8*M*d*m (its 4 GEMMs), backward 2x forward. A provider that does more arithmetic (the 3-matmul reference
+ISTA, the ODL backward that recomputes two GEMMs to save half the activations) therefore shows a lower
+rate. ODL rows also record the bytes autograd saves for the backward (extra_info saved_bytes).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import CUDA, DEVICE, annotate, capture_stream, run_graphed
+from _common import CUDA, DEVICE, annotate, capture_stream, run_graphed, saved_activation_bytes
 
-from crate_fast.kernels import ista_step, mssa_attention
-from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref
-from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch
+from crate_fast.kernels import ista_step, mssa_attention, odl_step
+from crate_fast.kernels.reference import ista_step_ref, mssa_attention_ref, odl_step_ref
+from crate_fast.kernels.torch_ops import ista_step_torch, mssa_attention_torch, odl_step_torch
 
 MODES = ["fwd", "bwd", "fwd_bwd"]
 
@@ -25,8 +28,9 @@ def _tuned(provider: str, op: str) -> dict:
     """The block sizes the autotuner picked for the last shape (triton provider only)."""
     if provider != "triton":
         return {}
-    from crate_fast.kernels import ista, mssa
-    kernels = {"mssa": [mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel], "ista": [ista._ista_fwd_kernel]}[op]
+    from crate_fast.kernels import ista, mssa, odl
+    kernels = {"mssa": [mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel], "ista": [ista._ista_fwd_kernel],
+               "odl": [odl._odl_gemm_kernel]}[op]
     return {f"config_{k.fn.__name__}": str(getattr(k, "best_config", None)) for k in kernels}
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,3 +169,54 @@ def test_ista(benchmark, mode, provider, dtype, shape):
     fwd = 4 * M * C * C
     annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode],
              provider=provider, shape=[M, C], dtype=str(dtype).split(".")[1], **_tuned(provider, "ista"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ODL, the whole block with its skip connection (residual + odl(x)). GPU: CRATE-alpha-B/16 at 224 px
+# (d = 768, m = 3072), rows = B * 197 for B in {256, 64}, and one image. CPU: reduced widths and rows,
+# ratios only.
+# ---------------------------------------------------------------------------------------------------
+if CUDA:
+    ODL_SHAPES = {f"B{b}xd{d}": (b * 197, d) for b, d in [(256, 768), (64, 768), (1, 768)]}
+    ODL_DTYPES = [torch.bfloat16]
+else:
+    ODL_SHAPES = {"B8xd192": (8 * 65, 192), "B2xd384": (2 * 65, 384)}
+    ODL_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _odl_ref(x, D, D1, z):
+    return z + odl_step_ref(x, D, D1)
+
+
+def _compiled_odl_ref(x, D, D1, z):
+    if "odl" not in _COMPILED:
+        _COMPILED["odl"] = torch.compile(_odl_ref)
+    return _COMPILED["odl"](x, D, D1, z)
+
+
+ODL_PROVIDERS = {"reference": _odl_ref, "torch": lambda x, D, D1, z: odl_step_torch(x, D, D1, residual=z),
+                 "compile": _compiled_odl_ref}
+if CUDA:
+    ODL_PROVIDERS["triton"] = lambda x, D, D1, z: odl_step(x, D, D1, residual=z, impl="triton")
+
+
+@pytest.mark.parametrize("shape", list(ODL_SHAPES))
+@pytest.mark.parametrize("dtype", ODL_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", list(ODL_PROVIDERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_odl(benchmark, mode, provider, dtype, shape):
+    benchmark.group = f"odl-{mode}-{shape}-{str(dtype).split('.')[1]}"
+    M, d = ODL_SHAPES[shape]
+    m = 4 * d
+    x = torch.randn(M, d, device=DEVICE, dtype=dtype).requires_grad_()
+    z = torch.randn(M, d, device=DEVICE, dtype=dtype).requires_grad_()
+    D, D1 = ((torch.empty(d, m, device=DEVICE).uniform_(-1, 1) * (6 / m) ** 0.5).to(dtype).requires_grad_()
+             for _ in range(2))
+    f = ODL_PROVIDERS[provider]
+    g = torch.randn(M, d, device=DEVICE, dtype=dtype)
+    seconds = _bench_mode(benchmark, f, (x, D, D1, z), mode, g)
+    fwd = 8 * M * d * m
+    saved = saved_activation_bytes(lambda: f(x, D, D1, z), params=(D, D1)) if mode == "fwd_bwd" else None
+    annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode],
+             provider=provider, shape=[M, d, m], dtype=str(dtype).split(".")[1], saved_bytes=saved,
+             **_tuned(provider, "odl"))

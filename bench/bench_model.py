@@ -1,8 +1,11 @@
 """Model-level speed: training step (forward + backward + optimizer) and inference, img/s, MFU, memory.
 
-Every CRATE impl side by side with timm's ViT-S/16 and ViT-B/16 (what users would otherwise pick).
-GPU: the presets at 224 px / patch 16, batch 256, bf16 autocast, fused AdamW. CPU: crate_tiny (and
-ViT-S, the same width) at 32 px / patch 4 (65 tokens), batch 32, fp32: ratios only.
+Every impl of each family side by side ("reference" is the official code's math: the CRATE and
+CRATE-MAE official forms, the CRATE-alpha port's autograd form) with timm's ViT-S/16 and ViT-B/16
+(what users would otherwise pick). GPU: the presets at 224 px (CRATE-alpha-B/16, CRATE-MAE-B
+pretraining at mask ratio 0.75), batch 256, bf16 autocast, fused AdamW. CPU: crate_tiny (and ViT-S, the
+same width) at 32 px / patch 4 (65 tokens), batch 32; CRATE-alpha-B at 32 px / patch 8 (17 tokens),
+batch 16; mae_crate_tiny pretraining at 32 px / patch 4, batch 16; fp32: ratios only.
 MFU counts the model's useful FLOPs (crate_fast.flops, 2-GEMM ISTA) for every impl.
 """
 from __future__ import annotations
@@ -19,17 +22,19 @@ from crate_fast.flops import flops_per_image, peak_flops, vit_flops_per_image
 
 if CUDA:
     IMG, PATCH, BATCH, DTYPE = 224, 16, 256, torch.bfloat16
-    PRESETS = ["crate_tiny", "crate_small", "crate_base", "crate_large"]
+    PRESETS = ["crate_tiny", "crate_small", "crate_base", "crate_large", "crate_alpha_base", "mae_crate_base"]
+    SIZES = {}                                  # arch -> (img, patch, batch) where not the defaults
     # graphs: the triton impl under torch.compile(mode="reduce-overhead"), i.e. fused elementwise work
     # and forward / backward replayed as CUDA graphs (no per-kernel launch cost).
     IMPLS = ["reference", "torch", "triton", "compile", "graphs"]
-    COMPILE_PRESETS = {"crate_base"}            # torch.compile costs ~1 min per model: the headline preset
+    COMPILE_PRESETS = {"crate_base", "crate_alpha_base", "mae_crate_base"}   # ~1 min per model: the headline presets
     VITS = {"vit_small_patch16_224": (384, 6), "vit_base_patch16_224": (768, 12)}
 else:
     IMG, PATCH, BATCH, DTYPE = 32, 4, 32, torch.float32
-    PRESETS = ["crate_tiny"]
+    PRESETS = ["crate_tiny", "crate_alpha_base", "mae_crate_tiny"]
+    SIZES = {"crate_alpha_base": (32, 8, 16), "mae_crate_tiny": (32, 4, 16)}
     IMPLS = ["reference", "torch", "compile"]
-    COMPILE_PRESETS = {"crate_tiny"}
+    COMPILE_PRESETS = {"crate_tiny", "crate_alpha_base", "mae_crate_tiny"}
     VITS = {"vit_small_patch16_224": (384, 6)}
 NUM_CLASSES = 1000
 
@@ -47,18 +52,27 @@ def _autocast():
     return torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
 
+def _is_mae(arch: str) -> bool:
+    return arch.startswith("mae_")
+
+
+def _sizes(arch: str) -> tuple[int, int, int]:
+    return SIZES.get(arch, (IMG, PATCH, BATCH))
+
+
 def _build(arch: str, impl: str):
     torch.manual_seed(0)
+    img, patch, _ = _sizes(arch)
     if arch.startswith("vit"):
         timm = pytest.importorskip("timm")
-        model = timm.create_model(arch, pretrained=False, img_size=IMG, patch_size=PATCH, num_classes=NUM_CLASSES)
+        model = timm.create_model(arch, pretrained=False, img_size=img, patch_size=patch, num_classes=NUM_CLASSES)
         dim, depth = VITS[arch]
-        flops = vit_flops_per_image(dim, 12, img=IMG, patch=PATCH, classes=NUM_CLASSES, training=True)
+        flops = vit_flops_per_image(dim, 12, img=img, patch=patch, classes=NUM_CLASSES, training=True)
     else:
-        model = create_model(arch, num_classes=NUM_CLASSES, img_size=IMG, patch_size=PATCH,
-                             impl={"compile": "torch", "graphs": "triton"}.get(impl, impl))
-        flops = flops_per_image(get_config(arch, img_size=IMG, patch_size=PATCH, num_classes=NUM_CLASSES),
-                                training=True)
+        sizes = dict(img_size=img, patch_size=patch) if _is_mae(arch) else \
+            dict(img_size=img, patch_size=patch, num_classes=NUM_CLASSES)
+        model = create_model(arch, impl={"compile": "torch", "graphs": "triton"}.get(impl, impl), **sizes)
+        flops = flops_per_image(get_config(arch, **sizes), training=True)
     model = model.to(DEVICE)
     if impl in ("compile", "graphs"):
         model = torch.compile(model, mode="reduce-overhead" if impl == "graphs" else "default")
@@ -76,15 +90,18 @@ def _cases():
 
 @pytest.mark.parametrize("arch,impl", list(_cases()), ids=lambda v: v)
 def test_train_step(benchmark, arch, impl):
-    benchmark.group = f"train-{IMG}px-b{BATCH}"
+    img, patch, batch = _sizes(arch)
+    benchmark.group = f"train-{arch if arch in SIZES or _is_mae(arch) else 'classifier'}-{img}px-b{batch}"
     model, flops = _build(arch, impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
-    x = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA)
+    x = torch.randn(batch, 3, img, img, device=DEVICE)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=DEVICE)
+    # MAE pretraining: the same masks every step (one noise tensor), as a fixed-shape benchmark wants
+    noise = torch.rand(batch, (img // patch) ** 2, device=DEVICE)
 
     def forward():
         with _autocast():
-            return F.cross_entropy(model(x), y)
+            return model(x, noise=noise)[0] if _is_mae(arch) else F.cross_entropy(model(x), y)
 
     def step():
         if impl == "graphs":
@@ -103,23 +120,24 @@ def test_train_step(benchmark, arch, impl):
         sync()
         peak = torch.cuda.max_memory_allocated()
     seconds = run(benchmark, step, rounds=10 if CUDA else None)
-    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG)
+    extra = dict(arch=arch, impl=impl, batch=batch, img=img, patch=patch)
     if activations is not None:
         extra["activation_mb"] = round(activations / 2**20, 1)
     if CUDA:
         extra["peak_mem_mb"] = round(peak / 2**20, 1)
         peak_fl = peak_flops(torch.cuda.get_device_name(0))
         if peak_fl:
-            extra["mfu"] = round(flops * BATCH / seconds / peak_fl, 4)
-    annotate(benchmark, seconds, flops=flops * BATCH, images=BATCH, **extra)
+            extra["mfu"] = round(flops * batch / seconds / peak_fl, 4)
+    annotate(benchmark, seconds, flops=flops * batch, images=batch, **extra)
 
 
-@pytest.mark.parametrize("arch,impl", list(_cases()), ids=lambda v: v)
+@pytest.mark.parametrize("arch,impl", [c for c in _cases() if not _is_mae(c[0])], ids=lambda v: v)
 def test_inference(benchmark, arch, impl):
-    benchmark.group = f"infer-{IMG}px-b{BATCH}"
+    img, patch, batch = _sizes(arch)
+    benchmark.group = f"infer-{arch if arch in SIZES else 'classifier'}-{img}px-b{batch}"
     model, flops = _build(arch, impl)
     model.eval()
-    x = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
+    x = torch.randn(batch, 3, img, img, device=DEVICE)
 
     def step():
         if impl == "graphs":
@@ -129,9 +147,9 @@ def test_inference(benchmark, arch, impl):
 
     step()
     seconds = run(benchmark, step, calls=3 if CUDA else 1, rounds=10 if CUDA else None)
-    extra = dict(arch=arch, impl=impl, batch=BATCH, img=IMG)
+    extra = dict(arch=arch, impl=impl, batch=batch, img=img, patch=patch)
     if CUDA:
         peak_fl = peak_flops(torch.cuda.get_device_name(0))
         if peak_fl:
-            extra["mfu"] = round(flops / 3 * BATCH / seconds / peak_fl, 4)
-    annotate(benchmark, seconds, flops=flops / 3 * BATCH, images=BATCH, **extra)
+            extra["mfu"] = round(flops / 3 * batch / seconds / peak_fl, 4)
+    annotate(benchmark, seconds, flops=flops / 3 * batch, images=batch, **extra)

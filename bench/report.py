@@ -51,10 +51,9 @@ def model_tables(run: dict) -> list[str]:
         return []
     present = {impl for by_impl in rows.values() for impl in by_impl}
     impls = [i for i in ["reference", "torch", "triton", "compile", "graphs", "timm"] if i in present or i != "graphs"]
-    batch = next(iter(next(iter(rows.values())).values()))["batch"]
     what = "img/s (speed-up over `impl=\"reference\"`), bf16 autocast" if run["gpu"] else \
         "speed-up over `impl=\"reference\"`, fp32"
-    out = [f"**Model throughput** ({_head(run)}); batch {batch}, {what}", ""]
+    out = [f"**Model throughput** ({_head(run)}); {what}; CRATE-MAE rows are pretraining steps", ""]
     for mode in ("train", "infer"):
         out += [f"| {mode} | " + " | ".join(impls) + " | best MFU | peak memory vs reference |",
                 "|---|" + "---|" * (len(impls) + 2)]
@@ -81,7 +80,10 @@ def model_tables(run: dict) -> list[str]:
                 ratio = fast["activation_mb"] / by_impl["reference"]["activation_mb"]
                 mem = f"{ratio:.2f}x activations ({fast['impl']})"
             mfu_cell = f"{100 * mfu:.1f}%" if run["gpu"] else "-"
-            out.append(f"| {arch} | " + " | ".join(cells) + f" | {mfu_cell} | {mem} |")
+            size = next(iter(by_impl.values()))
+            where = (f"{size['img']} px" if "img" in size else "") + (f"/{size['patch']}" if "patch" in size else "")
+            where = f"{where}, b{size['batch']}" if where else f"b{size['batch']}"
+            out.append(f"| {arch} ({where}) | " + " | ".join(cells) + f" | {mfu_cell} | {mem} |")
         out.append("")
     return out
 
@@ -89,7 +91,7 @@ def model_tables(run: dict) -> list[str]:
 def kernel_tables(run: dict) -> list[str]:
     groups = defaultdict(dict)
     for b in run["benchmarks"]:
-        m = re.match(r"test_(mssa|ista)\[(fwd_bwd|fwd|bwd)-([^-]+)-", b["name"])
+        m = re.match(r"test_(mssa|ista|odl)\[(fwd_bwd|fwd|bwd)-([^-]+)-", b["name"])
         if not m or m.group(2) != "fwd_bwd":
             continue
         p = _params(b)

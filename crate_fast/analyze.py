@@ -1,10 +1,14 @@
-"""Pictures and numbers of what a CRATE model does, layer by layer.
+"""Pictures and numbers of what a CRATE-family model does, layer by layer (CRATE, CRATE-alpha, CRATE-MAE).
 
     python -m crate_fast.analyze --ckpt RUN_DIR/best.pt --out DIR [--images a.jpg b.png ...]
     python -m crate_fast.analyze --ckpt CRATE_small.pth --arch crate_small --out DIR      # official weights
+    python -m crate_fast.analyze --ckpt crate-mae-base-lmd0.5-checkpoint-799.pth --arch mae_crate_base --out DIR
 
+A train.py run checkpoint of any family records its model; other weights (an official file of the --arch
+family, a bare state_dict, model.safetensors) need --arch and, if not 224 / 16, --img-size / --patch-size.
 Writes into DIR: stats.json (per-layer coding rate R^c, expansion R, sparsity, means and stds),
-coding_rate.png and sparsity.png (curves over depth with error bars), attention_<i>.png (the CLS
+coding_rate.png and sparsity.png (curves over depth with error bars; sparsity counts the zeros of the ISTA
+output, for CRATE-alpha of the ODL codes a2; CRATE-MAE: its encoder's layers), attention_<i>.png (the CLS
 token's attention of each head over image i at --layer, for the heads in --heads, default all),
 masks_<i>.png (DINO-style masks keeping a fraction tau of each head's attention) and pca.png (the CRATE
 notebooks' two-stage PCA of the patch features: the first component thresholded at --fg-threshold into a
@@ -12,7 +16,11 @@ foreground mask with holes filled, then 3 components of a PCA of the foreground 
 black). At a --size other than the training size the position table is resized as the notebooks do
 (DINO's interpolate_pos_encoding; --pos-interp size: as the model's forward). Without --images it uses
 scikit-image's bundled photographs; ``--images digits`` takes images of the embedded digits validation
-set (what the README's main job trains on).
+set (what the README's main job trains on). For CRATE-MAE also reconstruction.png: FAIR MAE's demo grid
+(rows: original, masked input, reconstruction, reconstruction with the visible patches pasted back) at
+--mask-ratio (default the model's) under masks drawn from --seed, at the model's image size
+(crate_fast.analysis.mae_reconstruction; under norm_pix_loss the prediction is de-normalized with each
+target patch's mean and variance).
 """
 from __future__ import annotations
 
@@ -24,42 +32,68 @@ import sys
 import numpy as np
 import torch
 
-from . import create_model, load_weights
+from . import create_model, list_models, load_weights
 from .analysis import (
     attention_maps,
     check_heads,
     check_layer,
+    check_pos_interp,
     foreground_mask,
     layer_stats,
+    mae_reconstruction,
     patch_features,
     pca_rgb,
+    sparse_code_name,
     threshold_masks,
 )
 from .checkpoint import read_checkpoint, unwrap_state_dict
+from .models import CRATEMAE
 from .progress import Progress
+from .registry import FAMILIES, family_of
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "hubble_deep_field"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# Model options a run checkpoint's config records (train.py TrainConfig) that change what an evaluation
+# computes; each is passed when the --arch family's config has it (dropout and drop-path act only in training).
+RUN_MODEL_FIELDS = ("pool", "mask_ratio", "norm_pix_loss")
+# The same, read from a FAIR-style checkpoint's training arguments (the released CRATE-MAE file's 'args').
+FAIR_ARGS_FIELDS = ("mask_ratio", "norm_pix_loss")
+
+
 def load_model(path: str, arch: str | None, img_size: int, patch_size: int, *, trusted: bool = False):
-    """(model, the --data it was trained on or None) from a train.py run checkpoint (last.pt / best.pt,
-    which records its arch and sizes), or from other weights (official, or a bare state_dict) given
-    --arch and the sizes. Files are read safely (crate_fast.read_checkpoint). Raises FileNotFoundError,
-    ValueError, RuntimeError (crate_fast.checkpoint's errors)."""
+    """(model, the --data it was trained on or None) from a train.py run checkpoint of any family (last.pt /
+    best.pt record the arch, sizes and model options), or from other weights (an official file of the
+    family, a bare state_dict, model.safetensors) given `arch` (any crate_fast preset) and the sizes.
+
+    Classifiers (CRATE, CRATE-alpha) take their class count from the file's head; CRATE-MAE has none, and
+    takes mask_ratio and norm_pix_loss from the run's config or a FAIR checkpoint's ``args`` (else the
+    preset's). Files are read safely (crate_fast.read_checkpoint) and loaded strictly (load_weights).
+    Raises FileNotFoundError, ValueError (no --arch for a file that is not a run checkpoint, an unknown
+    arch, a classifier file without a head), RuntimeError (weights that do not fit; crate_fast.checkpoint's
+    errors)."""
     obj = read_checkpoint(path, trusted=trusted)
     sd = unwrap_state_dict(obj)
     run = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
     if run is not None:
         arch, img_size, patch_size = arch or run["arch"], run["img_size"], run["patch_size"]
+        recorded = {k: run.get(k) for k in RUN_MODEL_FIELDS}
     elif arch is None:
-        raise ValueError(f"{path!r} is not a train.py run checkpoint: pass --arch (e.g. crate_small) and, "
-                         "if not 224/16, --img-size/--patch-size")
-    head = sd.get("head.weight", sd.get("mlp_head.1.weight"))
-    if head is None:
-        raise ValueError(f"{path!r} has no classifier weights (head.weight or mlp_head.1.weight)")
-    model = create_model(arch, num_classes=head.shape[0], img_size=img_size, patch_size=patch_size,
-                         **({"pool": run.get("pool", "cls")} if run else {}))
+        raise ValueError(f"{path!r} is not a train.py run checkpoint: pass --arch (one of {', '.join(list_models())}) "
+                         "and, if not 224/16, --img-size/--patch-size")
+    else:
+        args = obj.get("args") if isinstance(obj, dict) else None
+        recorded = {k: getattr(args, k, None) for k in FAIR_ARGS_FIELDS} if isinstance(args, argparse.Namespace) \
+            else {}
+    fields = family_of(arch).config_class.__dataclass_fields__
+    overrides = {k: v for k, v in recorded.items() if k in fields and v is not None}
+    if "num_classes" in fields:
+        head = sd.get("head.weight", sd.get("mlp_head.1.weight"))
+        if head is None:
+            raise ValueError(f"{path!r} has no classifier weights (head.weight or mlp_head.1.weight)")
+        overrides["num_classes"] = head.shape[0]
+    model = create_model(arch, img_size=img_size, patch_size=patch_size, **overrides)
     load_weights(model, sd)
     return model, run.get("data") if run else None
 
@@ -176,31 +210,82 @@ def _plot_pca(pictures: np.ndarray, mask: np.ndarray, rgb: np.ndarray, path: str
     plt.close(fig)
 
 
+def _display(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) ImageNet-normalized pixels (what load_images makes) -> (H, W, 3) floats in [0, 1], clipped
+    as FAIR's demo show_image does."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _plot_reconstruction(rec: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("original", "original"), ("masked", "masked"), ("reconstruction", "reconstruction"),
+            ("pasted", "reconstruction + visible")]
+    n = rec["original"].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.0 * len(rows)), dpi=110, squeeze=False)
+    for r, (key, label) in enumerate(rows):
+        for i in range(n):
+            axes[r, i].imshow(_display(rec[key][i]), interpolation="nearest")
+            axes[r, i].axis("off")
+        axes[r, 0].set_title(label, fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def family_name(model) -> str:
+    """The registry name of a model's family ("crate", "crate_alpha", "crate_mae")."""
+    return next(f.name for f in FAMILIES.values() if type(model.config) is f.config_class)
+
+
 def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, layer: int = -1,
             heads: list[int] | None = None, tau: float = 0.6, pos_interp: str = "dino", fg_threshold: float = 0.5,
+            mask_ratio: float | None = None, seed: int = 0, recon_images: torch.Tensor | None = None,
             device: str = "cpu", progress: bool = True) -> dict:
     """Compute everything and write every file into `out`. Returns the stats.json content.
 
-    images: (B, 3, H, W) normalized batch; pictures: (B, H, W, 3) uint8 for display. layer / heads: the
-    attention maps' block and heads (check_layer / check_heads rules); pos_interp: how the position table is
-    resized off the training grid ("dino" or "size"); fg_threshold: the foreground_mask threshold.
-    Raises ValueError / TypeError for a bad layer, head, tau, pos_interp or fg_threshold (before any work)."""
+    model: CRATE, CRATE-alpha or CRATE-MAE (its encoder's layers; see crate_fast.analysis).
+    images: (B, 3, H, W) ImageNet-normalized batch; pictures: (B, H, W, 3) uint8 for display. layer / heads:
+    the attention maps' block and heads (check_layer / check_heads rules); pos_interp: how the position table
+    is resized off the training grid ("dino" or "size"); fg_threshold: the foreground_mask threshold.
+    CRATE-MAE only (reconstruction.png): mask_ratio in (0, 1) (None: the config's), seed of the masking
+    noise, recon_images (B', 3, h, w) at the config's img_size (default: `images`, which must then be at
+    that size).
+    Raises ValueError / TypeError for a bad layer, head, tau, pos_interp, fg_threshold, mask_ratio or
+    reconstruction image size, or mask_ratio for a classifier (all before any work)."""
     layer, heads = check_layer(model, layer), check_heads(model, heads)
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if not 0 <= fg_threshold < 1:
         raise ValueError(f"fg_threshold must be in [0, 1), got {fg_threshold}")
-    if pos_interp not in ("dino", "size"):
-        raise ValueError(f"pos_interp must be 'dino' or 'size', got {pos_interp!r}")
+    check_pos_interp(pos_interp)
+    mae = isinstance(model, CRATEMAE)
+    if mae:
+        mask_ratio = model.config.mask_ratio if mask_ratio is None else mask_ratio
+        # 0 leaves no patch to predict (the loss is 0 / 0), and the model refuses 1.
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        recon_images = images if recon_images is None else recon_images
+        if tuple(recon_images.shape[-2:]) != model.config.img_size:
+            raise ValueError(f"reconstructions need images at the model's size {model.config.img_size}, got "
+                             f"{tuple(recon_images.shape[-2:])} (pass recon_images)")
+    elif mask_ratio is not None or recon_images is not None:
+        raise ValueError(f"mask_ratio and recon_images are for CRATE-MAE models, not {type(model).__name__}")
     os.makedirs(out, exist_ok=True)
     model = model.to(device).eval()
-    steps = Progress(4 + len(images), "analyzing", every=1, enabled=progress)
+    steps = Progress(4 + mae + len(images), "analyzing", every=1, enabled=progress)
     stats = layer_stats(model, images, pos_interp=pos_interp)
     steps.update(1)
+    codes = sparse_code_name(model)
     _plot_curve(stats, "coding_rate", "coding rate $R^c$", os.path.join(out, "coding_rate.png"),
                 "compression: $R^c$ of each layer's input")
     _plot_curve(stats, "l0", "normalized $\\ell_0$ (1 - sparsity)", os.path.join(out, "sparsity.png"),
-                "sparsification: ISTA output $\\ell_0$")
+                f"sparsification: {codes} $\\ell_0$")
     steps.update(1)
     maps = attention_maps(model, images, layer, heads=heads, pos_interp=pos_interp)   # (B, len(heads), h, w)
     masks = threshold_masks(maps, tau)
@@ -216,11 +301,21 @@ def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, laye
     _plot_pca(pictures, fg.cpu().numpy(), pca_rgb(feats, fg).cpu().numpy(), os.path.join(out, "pca.png"),
               fg_threshold)
     steps.update(1)
+    result = {"family": family_name(model), "layers": stats, "sparsity_of": codes, "num_images": len(images),
+              "image_size": int(images.shape[-1]), "attention_layer": layer, "attention_heads": heads, "tau": tau,
+              "pos_interp": pos_interp, "fg_threshold": fg_threshold,
+              "foreground_fraction": fg.flatten(1).float().mean(1).tolist(), "config": model.config.to_dict()}
+    if mae:
+        rec = mae_reconstruction(model, recon_images, mask_ratio, seed)
+        denorm = " (norm_pix_loss: each patch de-normalized with its target's mean and std)" \
+            if model.config.norm_pix_loss else ""
+        _plot_reconstruction(rec, os.path.join(out, "reconstruction.png"),
+                             f"mask ratio {mask_ratio:g}, seed {seed}, loss {rec['loss']:.4f}{denorm}")
+        result["reconstruction"] = {"mask_ratio": mask_ratio, "seed": seed, "loss": rec["loss"],
+                                    "norm_pix_loss": model.config.norm_pix_loss,
+                                    "num_images": int(recon_images.shape[0])}
+        steps.update(1)
     steps.close()
-    result = {"layers": stats, "num_images": len(images), "image_size": int(images.shape[-1]),
-              "attention_layer": layer, "attention_heads": heads, "tau": tau, "pos_interp": pos_interp,
-              "fg_threshold": fg_threshold, "foreground_fraction": fg.flatten(1).float().mean(1).tolist(),
-              "config": model.config.to_dict()}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -228,15 +323,17 @@ def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, laye
 
 def main(argv=None) -> int:
     """The command line (see the module docstring). Returns 0, or 2 after printing `error: ...` for a
-    missing or unreadable checkpoint or image, a --size not divisible by the patch, or an out-of-range
-    --layer / --heads / --tau / --fg-threshold; nothing is written before the arguments are checked."""
+    missing or unreadable checkpoint or image, an unknown --arch, a --size not divisible by the patch, an
+    out-of-range --layer / --heads / --tau / --fg-threshold / --mask-ratio, or --mask-ratio for a classifier;
+    nothing is written before the arguments are checked."""
     ap = argparse.ArgumentParser(prog="python -m crate_fast.analyze", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="train.py checkpoint (best.pt / last.pt) or an official one")
+    ap.add_argument("--ckpt", required=True, help="train.py checkpoint (best.pt / last.pt) or other weights")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--images", nargs="+", help="image files; 'digits' for the embedded data set")
-    ap.add_argument("--arch", help="preset of an official checkpoint (crate_tiny/small/base/large)")
-    ap.add_argument("--img-size", type=int, default=224, help="official checkpoints: training image size")
-    ap.add_argument("--patch-size", type=int, default=16, help="official checkpoints: patch size")
+    ap.add_argument("--arch", help="preset of weights that are not a run checkpoint (official files, state_dicts): "
+                                   "crate_small, crate_alpha_base, mae_crate_base, ... (crate_fast.list_models())")
+    ap.add_argument("--img-size", type=int, default=224, help="non-run weights: training image size")
+    ap.add_argument("--patch-size", type=int, default=16, help="non-run weights: patch size")
     ap.add_argument("--size", type=int, help="analysis image size (default: the model's)")
     ap.add_argument("--layer", type=int, default=-1, help="layer for attention maps and PCA (0-based; -1: last)")
     ap.add_argument("--heads", type=int, nargs="+", help="heads to draw (0-based, e.g. --heads 0 2 5; default all)")
@@ -245,7 +342,10 @@ def main(argv=None) -> int:
                     help="foreground: first principal component, min-max scaled per image, above this (0.5)")
     ap.add_argument("--pos-interp", choices=("dino", "size"), default="dino",
                     help="position table off the training size: 'dino' (the CRATE notebooks' DINO formula, "
-                         "default) or 'size' (as the model's forward)")
+                         "default) or 'size' (as the classifiers' forward)")
+    ap.add_argument("--mask-ratio", type=float,
+                    help="CRATE-MAE: fraction of patches masked in reconstruction.png (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="CRATE-MAE: seed of the masks in reconstruction.png")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="allow a checkpoint whose loading runs code from the file (only for files you trust)")
@@ -260,7 +360,15 @@ def main(argv=None) -> int:
             raise ValueError(f"--tau must be in (0, 1], got {args.tau}")
         if not 0 <= args.fg_threshold < 1:
             raise ValueError(f"--fg-threshold must be in [0, 1), got {args.fg_threshold}")
+        mae = isinstance(model, CRATEMAE)
+        if args.mask_ratio is not None and not mae:
+            raise ValueError(f"--mask-ratio is for CRATE-MAE models, not {type(model).__name__}")
+        if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
         images, pictures = load_images(args.images, size)
+        recon_images = None
+        if mae and size != model.config.img_size[0]:       # the masked forward runs at the model's size only
+            recon_images = load_images(args.images, model.config.img_size[0])[0]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a file, not a directory")
     except (OSError, ValueError, TypeError, RuntimeError) as e:
@@ -269,10 +377,12 @@ def main(argv=None) -> int:
     if data == "digits" and args.images is None:
         print("note: this model was trained on digits; pass --images digits for in-distribution pictures")
     result = analyze(model, images, pictures, args.out, layer=layer, heads=heads, tau=args.tau,
-                     pos_interp=args.pos_interp, fg_threshold=args.fg_threshold, device=args.device)
+                     pos_interp=args.pos_interp, fg_threshold=args.fg_threshold, mask_ratio=args.mask_ratio,
+                     seed=args.seed, recon_images=recon_images, device=args.device)
     rc = [round(s["coding_rate"], 1) for s in result["layers"]]
     sp = [round(s["sparsity"], 3) for s in result["layers"]]
-    print(f"wrote {args.out}: coding rate per layer {rc}; sparsity per layer {sp}")
+    rec = f"; reconstruction loss {result['reconstruction']['loss']:.4f}" if mae else ""
+    print(f"wrote {args.out}: coding rate per layer {rc}; sparsity per layer {sp}{rec}")
     return 0
 
 

@@ -180,27 +180,61 @@ def _square_grid(n: int, key: str) -> tuple[int, int]:
 
 
 class _Layout:
-    """How the keys of a file name the model's parameters: ours as they are, or a family's official
-    names (renamed through its KeyMap)."""
+    """How the keys of a file name the model's parameters: ours as they are, a family's official names
+    (renamed through its KeyMap), or those of the model a classifier is fine-tuned from (a CRATE-MAE
+    encoder: `renames` of name prefixes after the KeyMap, keys starting with `dropped` skipped)."""
 
-    def __init__(self, name: str, keys: KeyMap | None = None):
-        self.name, self.keys = name, keys
+    def __init__(self, name: str, keys: KeyMap | None = None, renames: Mapping[str, str] | None = None,
+                 dropped: tuple[str, ...] = ()):
+        self.name, self.keys, self.renames, self.dropped = name, keys, dict(renames or {}), tuple(dropped)
 
-    def ours(self, file_key: str) -> str | None:
+    @property
+    def is_ours(self) -> bool:
+        return self.keys is None and not self.renames
+
+    def _source_name(self, file_key: str) -> str | None:
         return file_key if self.keys is None else self.keys.from_official(file_key)
 
+    def is_dropped(self, file_key: str) -> bool:
+        name = self._source_name(file_key)
+        return bool(self.dropped) and name is not None and name.startswith(self.dropped)
+
+    def ours(self, file_key: str) -> str | None:
+        name = self._source_name(file_key)
+        for src, dst in self.renames.items():
+            if name is not None and name.startswith(src):
+                return dst + name[len(src):]
+        return name
+
     def file_key(self, ours: str) -> str:
+        for src, dst in self.renames.items():
+            if ours.startswith(dst):
+                ours = src + ours[len(dst):]
+                break
         return ours if self.keys is None else (self.keys.to_official(ours) or ours)
 
 
+def _layouts(model: nn.Module) -> list[_Layout]:
+    """The layouts a file for this model may be in: its family's official one, ours, and, for a model
+    fine-tuned from another (``pretrained_from``), that model's own and official ones."""
+    out = []
+    if getattr(model, "official_keys", None) is not None:
+        out.append(_Layout("official checkpoint", model.official_keys))
+    out.append(_Layout("checkpoint"))
+    source = getattr(model, "pretrained_from", None)
+    if source is not None:
+        kw = dict(renames=model.pretrain_renames, dropped=model.pretrain_dropped)
+        out.append(_Layout(f"{source.__name__} checkpoint", None, **kw))
+        if source.official_keys is not None:
+            out.append(_Layout(f"official {source.__name__} checkpoint", source.official_keys, **kw))
+    return out
+
+
 def _layout_of(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> _Layout:
-    """Ours or official: whichever names more of the file's keys (a file with a few extra keys of
-    either kind still gets the error message of its own layout)."""
-    official = _Layout("official checkpoint", _key_map(model))
+    """The layout that names most of the file's keys (a file with a few extra keys of one kind still gets
+    the error message of its own layout); on a tie the first of _layouts (the official one)."""
     ours = set(model.state_dict())
-    n_ours = sum(k in ours for k in sd)
-    n_official = sum(official.ours(k) in ours for k in sd)
-    return _Layout("checkpoint") if sd and n_ours > n_official else official
+    return max(_layouts(model), key=lambda lay: sum(lay.is_dropped(k) or lay.ours(k) in ours for k in sd))
 
 
 def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, reset_head: bool | str,
@@ -223,8 +257,9 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     pos_method = getattr(model, "pos_resample", "size")
     patch_keys = set(getattr(model, "resized_patch_keys", ()))
     seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
+    dropped = [k for k in sd if k not in ignore and layout.is_dropped(k)]
     for k, v in sd.items():
-        if k in ignore:
+        if k in ignore or layout.is_dropped(k):
             continue
         name = layout.ours(k)
         if name is None or name not in ours:
@@ -243,8 +278,10 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             continue
         mapped[name] = v
     head_mismatch = any(n.startswith(head) for n in mismatched)
+    # "auto" also keeps a fresh head when the file has none (an encoder pretrained without a classifier)
+    headless = head != () and not any(n.startswith(head) for n in (*seen, *mismatched))
     kept_head = set()
-    if reset_head is True or (reset_head == "auto" and head_mismatch):
+    if reset_head is True or (reset_head == "auto" and (head_mismatch or headless)):
         kept_head = {n for n in ours if n.startswith(head)}        # the model's own, fresh classifier
     missing = [layout.file_key(n) for n in ours if n not in seen and n not in kept_head]
     bad_shapes = [m for n, m in mismatched.items() if n not in kept_head]
@@ -273,6 +310,9 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     if ignore:
         print(f"[crate_fast] skipped {len(ignore)} key(s) named in ignore: {', '.join(sorted(ignore)[:20])}",
               file=sys.stderr)
+    if dropped:
+        print(f"[crate_fast] {layout.name}: skipped {len(dropped)} key(s) this {type(model).__name__} has no use "
+              f"for: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", file=sys.stderr)
     return model
 
 
@@ -287,15 +327,18 @@ def load_official_state_dict(model: nn.Module, obj: Any, *, reset_head: bool | s
     convolutional stem kernel of another patch size is resized bilinearly where the family allows it
     (``resized_patch_keys``: CRATE-alpha, as its fine-tuning recipe does).
     reset_head: True keeps the model's own (fresh) classifier, for another class count; "auto" does so
-    only when the file's head has another shape. ignore: file keys to skip (e.g. a head the model does
-    not have). trusted: see :func:`read_checkpoint`. Returns the model.
+    only when the file's head has another shape or the file has none (a pretrained encoder). ignore: file
+    keys to skip (e.g. a head the model does not have). trusted: see :func:`read_checkpoint`. A model
+    fine-tuned from another family (``pretrained_from``: the CRATE-MAE classifier) also takes that
+    family's files, ours or official; their keys it has no use for (the decoder) are skipped and
+    reported. Returns the model.
 
     Raises RuntimeError listing missing, unexpected and mismatched keys (nothing is loaded then),
     ValueError for a crate_fast state_dict (use model.load_state_dict or :func:`load_weights`).
     """
     sd = unwrap_state_dict(obj, trusted=trusted)
     layout = _layout_of(model, sd)
-    if layout.keys is None:
+    if layout.is_ours:
         raise ValueError("this is already a crate_fast state_dict: use model.load_state_dict(sd) "
                          "(or crate_fast.load_weights, which takes both layouts)")
     return _load(model, sd, layout, reset_head=reset_head, ignore=ignore)

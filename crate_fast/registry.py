@@ -28,6 +28,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "Yang et al., Scaling White-Box Transformers for Vision, NeurIPS 2024"),
     Family("crate_mae", "CRATE-MAE", crate_mae.CRATEMAEConfig, crate_mae.CRATEMAE, crate_mae.PRESETS,
            "Pai et al., Masked Autoencoding via Structured Diffusion with White-Box Transformers, ICLR 2024"),
+    Family("crate_mae_cls", "CRATE-MAE classifier", crate_mae.CRATEMAEClassifierConfig, crate_mae.CRATEMAEClassifier,
+           crate_mae.CLASSIFIER_PRESETS, "a CRATE-MAE encoder fine-tuned with a linear head (Pai et al., ICLR 2024)"),
 ]}
 _BY_NAME: dict[str, Family] = {name: f for f in FAMILIES.values() for name in f.presets}
 

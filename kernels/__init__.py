@@ -1,4 +1,4 @@
-"""CRATE's two operators, each with three implementations behind one dispatching function.
+"""CRATE's operators, each with three implementations behind one dispatching function.
 
 - ``mssa_attention(w, scale=None, impl="auto")``: tied q = k = v softmax attention, (B, H, N, D).
 - ``ista_step(x, weight, step_size=0.1, lambd=0.1, impl="auto")``: one non-negative ISTA step, (..., C).
@@ -8,9 +8,10 @@
 impl (``IMPLS``; ``check_impl`` validates a name): "reference" (literal official math, autograd),
 "torch" (fast PyTorch with hand-written backward, any device), "triton" (fused kernels; CUDA, or CPU
 under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs the kernels take, torch otherwise; decided
-once per device type, dtype and head dim). Under torch.autocast the matrix work runs in the autocast
-dtype, as F.linear's would; ISTA's residual and output keep the input's dtype. NaN and Inf propagate
-as in the reference (torch_ops.py notes where ISTA's exact reformulations place some Infs otherwise).
+once per op, device type, dtypes and head dim). Under torch.autocast the matrix work runs in the
+autocast dtype, as F.linear's would; ISTA's residual and output keep the input's dtype, ODL's output
+takes its residual's dtype (the compute dtype without one). NaN and Inf propagate as in the reference
+(torch_ops.py notes where the exact reformulations place some Infs otherwise).
 
 Each function checks its inputs once; the implementations behind it take them as checked.
 """
@@ -22,7 +23,7 @@ import torch
 
 from ._utils import IMPLS, auto_impl, autocast_cast, autocast_dtype, check_impl, triton_refusal
 from .reference import ista_step_ref, mssa_attention_ref, odl_step_ref
-from .torch_ops import ista_step_torch, mssa_attention_torch
+from .torch_ops import ista_step_torch, mssa_attention_torch, odl_step_torch
 
 __all__ = ["IMPLS", "check_impl", "mssa_attention", "ista_step", "odl_step", "mssa_attention_ref", "ista_step_ref",
            "odl_step_ref"]
@@ -94,8 +95,15 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
 def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
              residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """CRATE-alpha's ODL block: residual + relu(a1 - eta (a1 D^T - x) D - eta lambda) D1^T with
-    a1 = relu(eta x D - eta lambda). x: (..., d); D, D1: (d, m) -> (..., d). residual (x's shape) is
-    added to the output when given (the block's skip connection, z_half in the model)."""
+    a1 = relu(eta x D - eta lambda) (the official port's OvercompleteISTABlock, odl_step_ref).
+
+    x: (..., d); D, D1: (d, m) -> (..., d). residual (x's shape) is added to the output when given (the
+    block's skip connection, z_half in the model). The GEMMs run in x's dtype, or in the autocast dtype
+    under torch.autocast; the output has the residual's dtype promoted with that compute dtype (fp32 for
+    an fp32 residual stream under bf16 autocast, as autocast runs the port's ``ff(x) + x``), or the
+    compute dtype without residual, as the port's last matmul. Gradients return in the inputs' dtypes.
+    impl="torch" and "triton" save half the activation bytes of the reference's autograd
+    (torch_ops.py). Raises ValueError for mismatched shapes, TypeError for non-float inputs."""
     check_impl(impl)
     d = x.shape[-1]
     if D.dim() != 2 or D.shape[0] != d or D1.shape != D.shape:
@@ -103,5 +111,24 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
                          f"{tuple(D.shape)} and {tuple(D1.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    out = odl_step_ref(x, D, D1, step_size, lambd)
-    return out if residual is None else residual + out
+    tensors = (x, D, D1) if residual is None else (x, D, D1, residual)
+    if not all(t.is_floating_point() for t in tensors):
+        raise TypeError(f"x, D, D1 and residual must be floating point, got {[t.dtype for t in tensors]}")
+    if impl == "reference":
+        out = odl_step_ref(x, D, D1, step_size, lambd)
+        return out if residual is None else residual + out
+    compute_dtype = autocast_dtype(x) or x.dtype
+    # The kernels read x_c, D_c, D1_c and write the codes in the compute dtype; the last one reads the
+    # residual and writes the output in their promoted dtype.
+    dtypes = (compute_dtype,) if residual is None else (compute_dtype, residual.dtype)
+    if impl == "triton":
+        why = triton_refusal("odl_step", x.device.type, dtypes)
+        if why:
+            raise why
+    elif impl == "auto":
+        impl = auto_impl("odl_step", x.device.type, dtypes)
+    if impl == "torch" or x.numel() == 0:          # an empty input launches no kernel
+        return odl_step_torch(x, D, D1, float(step_size), float(lambd), residual, compute_dtype)
+    from .odl import odl_step_triton
+
+    return odl_step_triton(x, D, D1, float(step_size), float(lambd), residual, compute_dtype)

@@ -1,5 +1,5 @@
-"""Triton plumbing shared by mssa.py and ista.py: config rows and their admission, the dot and cast
-helpers, precision, op registration.
+"""Triton plumbing shared by mssa.py, ista.py and odl.py: config rows and their admission, the dot and
+cast helpers, precision, op registration.
 
 Imported only when a Triton path is used, so CPU-only installs never need triton.
 """
@@ -37,7 +37,7 @@ class ConfigRow(NamedTuple):
     sm90: int          # ... and on sm_90a, with Triton 3.6 and 3.8 alike
 
 
-# Kernels without a head dim (ISTA) admit a row at the nominal head block 1: sm80/sm90 say whether it fits.
+# Kernels without a head dim (ISTA, ODL) admit a row at the nominal head block 1: sm80/sm90 say whether it fits.
 FITS, SPILLS = 1, 0
 
 

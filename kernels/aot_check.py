@@ -2,7 +2,7 @@
 
     python -m crate_fast.kernels.aot_check [--arch 80 90] [--jobs N] [--json OUT.json]
 
-Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (ISTA) for sm_80 and
+Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (ISTA, ODL) for sm_80 and
 sm_90a with ``triton.compile``, runs Triton's bundled ``ptxas -v`` on the PTX, and prints registers,
 spill bytes, shared memory and (sm_90a) whether the matrix work uses wgmma and whether ptxas had to
 serialize it (warning C7511). Exits non-zero on a compile error, a register spill, or shared memory
@@ -66,6 +66,8 @@ SPECS = {
                                   div16=["s_wb", "s_wh", "s_wn", "s_db", "s_dh", "s_dn", "s_gb", "s_gh", "s_gn"]),
     "ista._ista_fwd_kernel": dict(ptr=["A", "B", "X", "OUT"], fp32_ptr=[], floats=["eta", "eta_lambd"],
                                   div16=["N", "K", "s_bk"]),
+    "odl._odl_gemm_kernel": dict(ptr=["A", "B", "X", "OUT"], fp32_ptr=[], floats=["eta", "eta_lambd"],
+                                 div16=["N", "K"]),
 }
 
 
@@ -75,7 +77,7 @@ def _precision(dtype: str):
 
 def jobs(archs=(80, 90)) -> list[Job]:
     """Every configuration the dispatchers can launch."""
-    from crate_fast.kernels import ista, mssa
+    from crate_fast.kernels import ista, mssa, odl
     from crate_fast.kernels._triton import admitted
     from crate_fast.kernels._utils import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM
 
@@ -109,6 +111,20 @@ def jobs(archs=(80, 90)) -> list[Job]:
                     out.append(Job("ista._ista_fwd_kernel", arch, dtype,
                                    {**cfg.kwargs, "INTERP_BF16": False, "PRECISION": _precision(dtype)},
                                    cfg.num_warps, cfg.num_stages, f"x:{resid} {_fmt(cfg.kwargs)}",
+                                   {"X": resid, "OUT": resid}))
+            # ODL: the codes' epilogues read and write the GEMM dtype; the last GEMM's residual and output
+            # are the GEMM dtype, or fp32 under autocast, as ISTA's.
+            variants = [(e, dtype) for e in odl.EPILOGUES if e != "out_residual"]
+            variants += [("out_residual", resid) for resid in sorted({dtype, "fp32"})]
+            fits = admitted(odl.GEMM_CONFIGS, dtype, arch)
+            if not fits:
+                out.append(Job("odl._odl_gemm_kernel", arch, dtype, {}, 0, 0, "no config fits"))
+            for epilogue, resid in variants:
+                for cfg in fits:
+                    out.append(Job("odl._odl_gemm_kernel", arch, dtype,
+                                   {**cfg.kwargs, "EPILOGUE": epilogue, "B_T": odl.B_TRANSPOSED[epilogue],
+                                    "INTERP_BF16": False, "PRECISION": _precision(dtype)},
+                                   cfg.num_warps, cfg.num_stages, f"{epilogue} x:{resid} {_fmt(cfg.kwargs)}",
                                    {"X": resid, "OUT": resid}))
     # Under torch.compile the same kernels are launched by inductor with fp64 float scalars.
     for j in [j for j in out if j.arch == 90 and j.dtype == "bf16" and j.constexprs]:

@@ -1,7 +1,8 @@
-"""The specification: CRATE's MSSA attention and ISTA step exactly as the official ``model/crate.py``.
+"""The specification: CRATE's MSSA attention and ISTA step exactly as the official ``model/crate.py``,
+and CRATE-alpha's ODL block as its official torch port.
 
-Every faster path in this package is tested against these two functions (in float64 where the test
-needs a truth). They are deliberately literal: same operations, same order, autograd backward.
+Every faster path in this package is tested against these functions (in float64 where the test needs a
+truth). They are deliberately literal: same operations, same order, autograd backward.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fast PyTorch paths for MSSA and ISTA: exact CRATE math, fewer GEMMs, hand-written backward passes.
+"""Fast PyTorch paths for MSSA, ISTA and ODL: exact CRATE math with fewer GEMMs (MSSA, ISTA) or half
+the saved activations (ODL), hand-written backward passes.
 
 They run on any device and are the default off CUDA. Each has the same signature and semantics as
 its twin in reference.py and is tested against it in float64.
@@ -202,3 +203,130 @@ def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.
             return _ISTAApply.apply(x2, xc, a, step_size, lambd).view(x.shape)
         xc = None if compute_dtype == x.dtype else x2.to(compute_dtype)
         return _ISTADirect.apply(x2, xc, weight.to(compute_dtype), step_size, lambd).view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ODL (CRATE-alpha, docs/DESIGN.md §2.2): two non-negative ISTA steps from a zero code on an
+# overcomplete dictionary D (d x m, m = 4d in every preset), then the decoupled synthesis dictionary D1.
+# Row form, x: (M, d); eta = step size, lam = lambda; the official port's own order of operations:
+#   a1  = relu(eta x D - eta lam)            GEMM 1  (M x d)(d x m)
+#   e   = a1 D^T - x                         GEMM 2  (M x m)(m x d)   the first code's residual
+#   a2  = relu(a1 - eta e D - eta lam)       GEMM 3  (M x d)(d x m)
+#   out = a2 D1^T (+ residual)               GEMM 4  (M x m)(m x d)
+# Backward by hand; dout the upstream gradient, [.] a ReLU mask (taken from the outputs a1, a2, as
+# relu's own backward does):
+#   dD1 = dout^T a2 ;  g2 = (dout D1) [a2 > 0] ;  t = g2 D^T
+#   g1  = (g2 - eta t D) [a1 > 0]
+#   dx  = eta (t + g1 D^T) ;  dD = eta (x^T g1 - e^T g2 - t^T a1) ;  d residual = dout
+# Why (a GEMM (M x k)(k x n) is 2Mkn FLOPs, so each of these is 2Mdm = 8Md^2; elements at m = 4d):
+#   autograd of the port: 4 GEMMs forward + 8 backward = 24 Mdm FLOPs; it saves x, a1, e and a2,
+#     (2d + 2m) M = 10 Md elements per call (measured with saved_tensors_hooks, tests/test_odl.py).
+#   this path: the same 4 GEMMs forward with the scale, shift, ReLU and residual folded into addmm; it
+#     saves only x_c and a2, (d + m) M = 5 Md elements: half. The backward recomputes a1 and e from x_c
+#     (2 GEMMs, 10 in all: 28 Mdm FLOPs, +17%). ODL's saved codes are the largest activations of a
+#     CRATE-alpha layer: 775 MB of bf16 per layer at B/16, batch 256, under autograd of the port.
+#   Measured on one CPU thread against autograd of the port, fp32, with the residual, interleaved runs,
+#   medians of 40: forward + backward at d = 192, M = 394: 1.11x its time; d = 384, M = 130: 1.12x
+#   (forward alone 0.92x and 0.98x). Saving a1 as well (9 Md, one recompute) measured 1.02x and 0.99x:
+#   every exact variant runs the port's 12 GEMMs or more, so on a GEMM-bound CPU none is much faster
+#   than autograd; the half of the activation memory is what the recomputation buys.
+# Under autocast only the GEMM operands (x_c, D_c, D1_c) and the codes are 16-bit; with a residual the
+# output has the residual's dtype promoted with the compute dtype (the port adds a 16-bit matmul result
+# to the fp32 stream), else the compute dtype, as the port's last matmul. The forward evaluates the
+# port's expressions in its order; the backward groups the same products differently (dx = eta (t +
+# g1 D^T), where autograd adds eta g1 D^T to eta g2 D^T); a NaN or +-Inf in x, D or the upstream
+# gradient (one element or one row) lands
+# where the port's autograd puts it, in the output and every gradient (tests/test_odl.py).
+# ---------------------------------------------------------------------------------------------------
+def odl_first_code(xc: torch.Tensor, dc: torch.Tensor, step_size: float, lambd: float) -> torch.Tensor:
+    """a1 = relu(eta x D - eta lambda): xc (M, d), dc (d, m) -> (M, m), one GEMM with the shift as bias."""
+    shift = xc.new_full((dc.shape[1],), -step_size * lambd)
+    return torch.addmm(shift, xc, dc, alpha=step_size).relu_()
+
+
+def odl_code_residual(a1: torch.Tensor, dc: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """e = a1 D^T - x: (M, m), (d, m), (M, d) -> (M, d), one GEMM, rounded once."""
+    return torch.addmm(xc, a1, dc.t(), beta=-1.0)
+
+
+def odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual: torch.Tensor | None,
+                step_size: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, a2) for 2-D operands in one compute dtype: xc (M, d), dc and d1c (d, m); residual (M, d)
+    in any float dtype or None. out: (M, d), the residual's dtype promoted with the compute dtype (the
+    compute dtype without residual); a2: (M, m), the second code, which the backward needs."""
+    a1 = odl_first_code(xc, dc, step_size, lambd)
+    e = odl_code_residual(a1, dc, xc)
+    a2 = torch.addmm(a1, e, dc, alpha=-step_size).sub_(step_size * lambd).relu_()
+    if residual is None:
+        out = torch.mm(a2, d1c.t())
+    elif residual.dtype == a2.dtype:
+        out = torch.addmm(residual, a2, d1c.t())                     # residual rides in the GEMM epilogue
+    else:
+        out = torch.add(residual, torch.mm(a2, d1c.t()))             # 16-bit GEMM, fp32 residual stream
+    return out, a2
+
+
+# The autograd of the step, shared by _ODL here and by odl.py's op and its eager twin: inputs
+# (xc, dc, d1c, residual, step_size, lambd), outputs (out, a2).
+def odl_setup_context(ctx, inputs, output):
+    xc, dc, d1c, residual, step_size, lambd = inputs
+    _, a2 = output
+    ctx.save_for_backward(xc, dc, d1c, a2)        # 5 Md elements; a1 and e are recomputed (above)
+    ctx.step_size, ctx.lambd = step_size, lambd
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.mark_non_differentiable(a2)
+
+
+def odl_backward(ctx, dout: torch.Tensor, _da2: torch.Tensor | None = None):
+    """Gradients w.r.t. (xc, dc, d1c, residual, step_size, lambd), in the compute dtype except the
+    residual's (its own dtype); 10 GEMMs, 2 of them the recomputation of a1 and e."""
+    xc, dc, d1c, a2 = ctx.saved_tensors
+    eta = ctx.step_size
+    with torch.autocast(dout.device.type, enabled=False):
+        gc = dout.to(a2.dtype)
+        dd1 = torch.mm(gc.t(), a2)
+        # relu's own backward (grad where the output is > 0): a NaN code passes 0 on, as the port's does.
+        g2 = torch.ops.aten.threshold_backward(torch.mm(gc, d1c), a2, 0)
+        t = torch.mm(g2, dc.t())
+        a1 = odl_first_code(xc, dc, eta, ctx.lambd)
+        g1 = torch.ops.aten.threshold_backward(torch.addmm(g2, t, dc, alpha=-eta), a1, 0)
+        dx = torch.addmm(t, g1, dc.t(), beta=eta, alpha=eta)
+        e = odl_code_residual(a1, dc, xc)
+        dd = torch.mm(xc.t(), g1).addmm_(e.t(), g2, alpha=-1.0).addmm_(t.t(), a1, alpha=-1.0).mul_(eta)
+    dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
+    return dx, dd, dd1, dres, None, None
+
+
+class _ODL(torch.autograd.Function):
+    # forward(ctx, ...) calls the shared setup itself (a separate setup_context costs an
+    # inspect.signature bind per call, _ISTAApply).
+    @staticmethod
+    def forward(ctx, xc, dc, d1c, residual, step_size, lambd):
+        out = odl_forward(xc, dc, d1c, residual, step_size, lambd)
+        odl_setup_context(ctx, (xc, dc, d1c, residual, step_size, lambd), out)
+        return out
+
+    backward = staticmethod(odl_backward)
+
+
+def odl_operands(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, residual: torch.Tensor | None,
+                 compute_dtype: torch.dtype):
+    """For autocast off: x as contiguous rows (M, d) in the compute dtype, D and D1 contiguous in the
+    compute dtype, the residual as contiguous rows (M, d) in its own dtype (or None). The casts are
+    autograd ops outside the Functions, so gradients return in the inputs' dtypes."""
+    d = x.shape[-1]
+    xc = x.reshape(-1, d).to(compute_dtype).contiguous()
+    r = None if residual is None else residual.reshape(-1, d).contiguous()
+    return xc, D.to(compute_dtype).contiguous(), D1.to(compute_dtype).contiguous(), r
+
+
+def odl_step_torch(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1,
+                   lambd: float = 0.1, residual: torch.Tensor | None = None,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x: (..., d); D, D1: (d, m); residual: x's shape or None -> (..., d); the same function as
+    odl_step_ref (+ residual). The GEMMs run in compute_dtype (default x's dtype); the output has the
+    residual's dtype promoted with it, or compute_dtype without residual."""
+    compute_dtype = compute_dtype or x.dtype
+    with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
+        out, _ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype), step_size, lambd)
+    return out.view(x.shape)

@@ -1,4 +1,7 @@
-"""White-box analysis: coding rate, sparsity, attention maps, position tables, the notebooks' PCA, the CLI."""
+"""White-box analysis: coding rate, sparsity, attention maps, position tables, the notebooks' PCA, the CLI;
+for every family (CRATE, CRATE-alpha, CRATE-MAE's encoder) and CRATE-MAE's reconstructions."""
+import argparse
+import copy
 import json
 import math
 import os
@@ -11,19 +14,23 @@ from conftest import KERNEL_DEVICE
 from harness import assert_rel
 from tolerances import FP32_RTOL, FP64_RTOL, MAPS_ATOL, MAPS_RTOL, STATS_ATOL, STATS_RTOL
 
-from crate_fast import create_model
+from crate_fast import create_model, to_official_state_dict
 from crate_fast.analysis import (
     attention_maps,
     coding_rate,
+    embed_tokens,
     expansion_rate,
     foreground_mask,
     layer_stats,
+    mae_reconstruction,
     patch_features,
     pca_rgb,
+    sparse_code_name,
     threshold_masks,
     zero_fraction,
 )
 from crate_fast.layers import resample_pos_embed
+from crate_fast.registry import family_of
 
 
 def small_model(**kw):
@@ -124,8 +131,10 @@ def test_attention_maps_position_interpolation_choice():
     assert (size - attention_maps(model, x, layer=1, pos_interp="dino")).abs().max() > 1e-3
     native = torch.randn(2, 3, 32, 32)
     assert torch.equal(attention_maps(model, native, pos_interp="size"), attention_maps(model, native))
-    with pytest.raises(ValueError, match="'size' or 'dino'"):
+    with pytest.raises(ValueError, match="pos_interp must be 'dino' or 'size'"):
         attention_maps(model, x, pos_interp="bilinear")
+    with pytest.raises(ValueError, match="pos_interp must be 'dino' or 'size'"):
+        layer_stats(model, x, pos_interp="zoom")          # a resize method of checkpoints, not of the analysis
 
 
 def test_attention_maps_select_layer_and_heads():
@@ -151,6 +160,211 @@ def test_attention_maps_select_layer_and_heads():
         attention_maps(model, x, heads=[0.5])
     with pytest.raises(ValueError, match="out of range"):
         patch_features(model, x, layer=5)
+
+
+# -- every family: CRATE-alpha (ODL codes) and CRATE-MAE's encoder, against float64 twins ----------
+
+def alpha_model():
+    torch.manual_seed(0)
+    return create_model("crate_alpha_tiny", num_classes=5, img_size=32, patch_size=8, depth=3, dim=96, heads=2)
+
+
+def mae_model(**kw):
+    torch.manual_seed(0)
+    model = create_model("mae_crate_tiny", dim=64, heads=2, depth=3, decoder_depth=2, img_size=32, patch_size=8, **kw)
+    with torch.no_grad():            # off the init (zero biases, unit LayerNorms), so a skipped tensor shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def float64_twin(model):
+    twin = copy.deepcopy(model).double().eval()
+    twin.set_impl("reference")
+    return twin
+
+
+def expansion_rate_f64(z, eps=0.01):
+    y = z / z.norm(dim=-1, keepdim=True)
+    n, d = y.shape[-2:]
+    return 0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + d / (n * eps) * y @ y.transpose(-1, -2))
+
+
+def odl_codes_f64(blk, x):
+    """CRATE-alpha's a2 as DESIGN.md §2.2 writes it: p = eta x D, a1 = relu(p - eta lambda),
+    a2 = relu(a1 + p - eta (a1 D^T) D - eta lambda)."""
+    eta, lam, D = blk.odl.step_size, blk.odl.lambd, blk.odl.D.detach().double()
+    p = eta * x @ D
+    a1 = torch.relu(p - eta * lam)
+    return torch.relu(a1 + p - eta * (a1 @ D.T) @ D - eta * lam)
+
+
+def mae_tokens_f64(model, x, grid):
+    """CRATE-MAE's encoder input written out in float64: conv patches, CLS, the sin-cos table (the notebook
+    interpolation off its 4 x 4 grid, notebook_interpolate below)."""
+    twin = float64_twin(model)
+    w, b = twin.patch_embed.proj.weight, twin.patch_embed.proj.bias
+    patches = F.conv2d(x.double(), w, b, stride=8).flatten(2).transpose(1, 2)
+    table = twin.decoder_pos_embed.detach()
+    if tuple(grid) != (4, 4):
+        table = torch.from_numpy(notebook_interpolate(table.numpy(), grid))
+    return torch.cat([twin.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + table, twin
+
+
+def test_layer_stats_of_crate_alpha_count_the_odl_codes():
+    model = alpha_model()
+    x = torch.randn(3, 3, 32, 32)
+    got = layer_stats(model, x)
+    twin = float64_twin(model)
+    with torch.no_grad():
+        z = twin.embed(x.double())
+        for blk, row in zip(twin.blocks, got, strict=True):
+            zn = blk.norm1(z)
+            rc, r = coding_rate_f64(blk.attn.project(zn)), expansion_rate_f64(zn)
+            z_half = z + blk.attn(zn)
+            a2 = odl_codes_f64(blk, blk.norm2(z_half))
+            z = z_half + a2 @ blk.odl.D1.detach().double().T
+            assert row["coding_rate"] == pytest.approx(rc.mean().item(), rel=STATS_RTOL, abs=STATS_ATOL)
+            assert row["expansion_rate"] == pytest.approx(r.mean().item(), rel=STATS_RTOL, abs=STATS_ATOL)
+            # fp32 vs float64 may put a pre-activation within rounding of 0 on the other side: a few entries
+            assert row["sparsity"] == pytest.approx(zero_fraction(a2).mean().item(), abs=1e-3)
+            assert 0 < row["sparsity"] < 1
+    # Exactly the zeros of the model's own codes along its own forward; the block output (a residual sum)
+    # is dense, so counting it would report no sparsity at all.
+    with torch.no_grad():
+        model.eval()
+        z = model.embed(x, pos_interp="dino")
+        for blk, row in zip(model.blocks, got, strict=True):
+            z_half = z + blk.attn(blk.norm1(z))
+            assert row["sparsity"] == pytest.approx(zero_fraction(blk.odl.codes(blk.norm2(z_half))).mean().item())
+            z = blk(z)
+            assert zero_fraction(z).max() == 0
+    assert sparse_code_name(model) == "ODL codes a2" and sparse_code_name(small_model()) == "ISTA output"
+
+
+def test_crate_mae_encoder_tokens_are_forward_features_input():
+    """embed_tokens + encoder blocks + norm = forward_features bit for bit (on and off the grid), and at the
+    config's size forward_encoder at mask ratio 0."""
+    model = mae_model().eval()
+    with torch.no_grad():
+        for size in [(32, 32), (40, 48)]:
+            x = torch.randn(2, 3, *size)
+            z = embed_tokens(model, x)
+            for blk in model.blocks:
+                z = blk(z)
+            assert torch.equal(model.norm(z), model.forward_features(x))
+        x = torch.randn(2, 3, 32, 32)
+        z = embed_tokens(model, x)
+        for blk in model.blocks:
+            z = blk(z)
+        assert torch.equal(model.norm(z), model.forward_encoder(x, 0.0)[0])
+        # "size" resizes the sin-cos table with F.interpolate(size=...) instead
+        x = torch.randn(2, 3, 40, 48)
+        assert not torch.equal(embed_tokens(model, x, "size"), embed_tokens(model, x))
+    with pytest.raises(ValueError, match="pos_interp"):
+        embed_tokens(model, x, "zoom")
+    with pytest.raises(TypeError, match="CRATE, CRATE-alpha and CRATE-MAE"):
+        embed_tokens(torch.nn.Linear(3, 3), x)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 48)])
+def test_layer_stats_and_attention_of_crate_mae_equal_float64_formulas(size):
+    model = mae_model()
+    x = torch.randn(2, 3, *size)
+    grid = (size[0] // 8, size[1] // 8)
+    stats = layer_stats(model, x)
+    maps = attention_maps(model, x, layer=1, heads=[1, 0])
+    feats = patch_features(model, x, layer=1)
+    z, twin = mae_tokens_f64(model, x, grid)
+    with torch.no_grad():
+        for i, (blk, row) in enumerate(zip(twin.blocks, stats, strict=True)):
+            zn = blk.norm1(z)
+            w = blk.attn.project(zn)
+            assert row["coding_rate"] == pytest.approx(coding_rate_f64(w).mean().item(), rel=STATS_RTOL, abs=STATS_ATOL)
+            assert row["expansion_rate"] == pytest.approx(expansion_rate_f64(zn).mean().item(), rel=STATS_RTOL,
+                                                          abs=STATS_ATOL)
+            if i == 1:
+                probs = torch.softmax(w @ w.transpose(-1, -2) * blk.attn.scale, dim=-1)
+                want = probs[:, [1, 0], 0, 1:].reshape(2, 2, *grid)
+                torch.testing.assert_close(maps.double(), want, rtol=MAPS_RTOL, atol=MAPS_ATOL)
+                assert_rel(feats, blk.attn.qkv(zn)[:, 1:].reshape(2, *grid, -1), 1e-5, "patch features")
+            z = blk(z)       # the reference ISTA in float64; its zeros: the fp32 run's up to rounding at 0
+            assert row["sparsity"] == pytest.approx(zero_fraction(z).mean().item(), abs=1e-3)
+            assert 0 < row["sparsity"] < 1
+    assert model.training, "the model's mode is restored"
+    rgb = pca_rgb(feats, foreground_mask(feats))
+    assert rgb.shape == (2, *grid, 3) and 0 <= rgb.min() and rgb.max() <= 1
+
+
+def test_attention_maps_of_crate_alpha_equal_float64_formula():
+    model = alpha_model()
+    x = torch.randn(2, 3, 40, 48)
+    twin = float64_twin(model)
+    with torch.no_grad():
+        z = twin.embed(x.double(), pos_interp="dino")
+        z = twin.blocks[0](z)
+        w = twin.blocks[1].attn.project(twin.blocks[1].norm1(z))
+        probs = torch.softmax(w @ w.transpose(-1, -2) * twin.blocks[1].attn.scale, dim=-1)
+    torch.testing.assert_close(attention_maps(model, x, layer=1).double(), probs[:, :, 0, 1:].reshape(2, 2, 5, 6),
+                               rtol=MAPS_RTOL, atol=MAPS_ATOL)
+    feats = patch_features(model, x, layer=-1)
+    assert feats.shape == (2, 5, 6, 96)
+    rgb = pca_rgb(feats, foreground_mask(feats))
+    assert rgb.shape == (2, 5, 6, 3) and 0 <= rgb.min() and rgb.max() <= 1
+
+
+# -- CRATE-MAE reconstructions (FAIR's demo) --------------------------------------------------------
+
+def unpatchify_f64(patches, p, c, gh, gw):
+    """FAIR's unpatchify written with einsum: (B, L, p p c) -> (B, c, gh p, gw p)."""
+    x = patches.reshape(patches.shape[0], gh, gw, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(patches.shape[0], c, gh * p, gw * p)
+
+
+def test_mae_reconstruction_is_fairs_demo_with_reproducible_masks():
+    model = mae_model()
+    x = torch.randn(3, 3, 32, 32)
+    rec = mae_reconstruction(model, x, mask_ratio=0.75, seed=5)
+    assert model.training, "the model's mode is restored"
+    assert set(rec) == {"original", "masked", "reconstruction", "pasted", "mask", "loss"}
+    assert (rec["mask"].sum(1) == 12).all(), "int(16 * 0.25) = 4 patches kept per image"
+    again = mae_reconstruction(model, x, mask_ratio=0.75, seed=5)
+    assert torch.equal(again["mask"], rec["mask"]) and torch.equal(again["reconstruction"], rec["reconstruction"])
+    assert not torch.equal(mae_reconstruction(model, x, mask_ratio=0.75, seed=6)["mask"], rec["mask"])
+    # The model's own forward under the same noise: same loss and mask; the prediction in float64, unpatchified
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        loss, _, mask = model(x, mask_ratio=0.75, noise=noise)
+        _, pred64, _ = float64_twin(model)(x.double(), mask_ratio=0.75, noise=noise.double())
+    assert rec["loss"] == pytest.approx(loss.item(), rel=1e-6) and torch.equal(mask, rec["mask"])
+    assert_rel(rec["reconstruction"], unpatchify_f64(pred64, 8, 3, 4, 4), 1e-5, "reconstruction")
+    # Pictures: visible pixels are the original's, removed ones the reconstruction's (masked: zero there).
+    removed = unpatchify_f64(mask[..., None].expand(-1, -1, 192), 8, 3, 4, 4).bool()
+    assert torch.equal(rec["original"], x)
+    assert torch.equal(rec["masked"][~removed], x[~removed]) and (rec["masked"][removed] == 0).all()
+    assert torch.equal(rec["pasted"][~removed], x[~removed])
+    assert torch.equal(rec["pasted"][removed], rec["reconstruction"][removed])
+    assert mae_reconstruction(model, x)["mask"].sum(1).eq(12).all(), "default: the config's mask ratio 0.75"
+    with pytest.raises(TypeError, match="CRATE-MAE"):
+        mae_reconstruction(small_model(), x)
+    with pytest.raises(ValueError, match="32x32"):
+        mae_reconstruction(model, torch.randn(1, 3, 40, 40))
+
+
+def test_mae_reconstruction_denormalizes_norm_pix_predictions():
+    """Under norm_pix_loss a perfect prediction is the standardized target; mapped back with the target
+    patch's mean and variance it is the image itself."""
+    model = mae_model(norm_pix_loss=True)
+    x = torch.randn(2, 3, 32, 32)
+    t = x.double().reshape(2, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 192)   # channel-last patches
+    perfect = ((t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()).float()
+    model.forward_decoder = lambda latent: perfect
+    rec = mae_reconstruction(model, x, seed=1)
+    assert rec["loss"] < 1e-10
+    assert_rel(rec["reconstruction"], x, 1e-5, "de-normalized perfect prediction")
+    assert_rel(rec["pasted"], x, 1e-5, "pasted")
 
 
 # -- position tables: the notebooks' DINO formula -------------------------------------------------
@@ -238,7 +452,7 @@ def test_default_position_interpolation_is_unchanged():
         tokens = model.embed(x)
         assert torch.equal(tokens, model.embed(x, pos_interp="size"))
         assert not torch.equal(tokens, model.embed(x, pos_interp="dino"))
-    with pytest.raises(ValueError, match="'size' or 'dino'"):
+    with pytest.raises(ValueError, match="'size', 'dino' or 'zoom'"):
         resample_pos_embed(model.pos_embed, (4, 4), (4, 4), method="nearest")
 
 
@@ -384,10 +598,11 @@ def test_pca_of_model_features_range():
         assert rgb.shape == (2, 4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
 
 
-def _check_outputs(out, n_images, n_layers=12):
+def _check_outputs(out, n_images, n_layers=12, extra=()):
+    """Every picture written and readable (plus `extra` files); returns stats.json."""
     from PIL import Image
     files = set(os.listdir(out))
-    expected = {"stats.json", "coding_rate.png", "sparsity.png", "pca.png"}
+    expected = {"stats.json", "coding_rate.png", "sparsity.png", "pca.png", *extra}
     expected |= {f"attention_{i}.png" for i in range(n_images)} | {f"masks_{i}.png" for i in range(n_images)}
     assert expected <= files
     for f in expected - {"stats.json"}:
@@ -395,12 +610,18 @@ def _check_outputs(out, n_images, n_layers=12):
             im.verify()
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["num_images"] == n_images and len(stats["layers"]) == n_layers
+    return stats
 
 
-def tiny_run_checkpoint(tmp_path):
-    model = create_model("crate_tiny", num_classes=5, img_size=32, patch_size=8)
-    ckpt = tmp_path / "best.pt"              # what train.py writes: weights plus the resolved config
-    torch.save({"model": model.state_dict(), "config": {"arch": "crate_tiny", "img_size": 32, "patch_size": 8}}, ckpt)
+def tiny_run_checkpoint(tmp_path, arch="crate_tiny", name="best.pt", **config):
+    """What train.py writes: weights plus the resolved config (`config`: the model options it records)."""
+    torch.manual_seed(0)
+    fields = family_of(arch).config_class.__dataclass_fields__      # a run records pool for CRATE-MAE too
+    options = {k: v for k, v in config.items() if k in fields}
+    model = create_model(arch, img_size=32, patch_size=8, **({"num_classes": 5} if "num_classes" in fields else {}),
+                         **options)
+    ckpt = tmp_path / name
+    torch.save({"model": model.state_dict(), "config": {"arch": arch, "img_size": 32, "patch_size": 8, **config}}, ckpt)
     return ckpt
 
 
@@ -439,6 +660,48 @@ def test_cli_with_an_official_checkpoint(tmp_path):
     _check_outputs(out, 6)
 
 
+def test_cli_with_crate_alpha_and_crate_mae_run_checkpoints(tmp_path):
+    from crate_fast.analyze import load_images, load_model, main
+    alpha = tiny_run_checkpoint(tmp_path, "crate_alpha_tiny", "alpha.pt")          # 12 layers, 3 heads
+    out = tmp_path / "alpha"
+    assert main(["--ckpt", str(alpha), "--out", str(out), "--images", "digits", "--heads", "2"]) == 0
+    stats = _check_outputs(out, 6)
+    assert stats["family"] == "crate_alpha" and stats["sparsity_of"] == "ODL codes a2"
+    assert "reconstruction" not in stats and not (out / "reconstruction.png").exists()
+    # CRATE-MAE: its run records mask_ratio and norm_pix_loss; --size 40 for the analysis, while the
+    # reconstruction runs at the model's 32 px.
+    mae = tiny_run_checkpoint(tmp_path, "mae_crate_tiny", "mae.pt", mask_ratio=0.5, norm_pix_loss=True,
+                              pool="cls", data="digits")
+    out = tmp_path / "mae"
+    assert main(["--ckpt", str(mae), "--out", str(out), "--images", "digits", "--size", "40", "--seed", "3"]) == 0
+    stats = _check_outputs(out, 6, extra=["reconstruction.png"])
+    assert stats["family"] == "crate_mae" and stats["sparsity_of"] == "ISTA output" and stats["image_size"] == 40
+    model, data = load_model(str(mae), None, 224, 16)
+    assert data == "digits" and model.config.norm_pix_loss and model.config.mask_ratio == 0.5
+    want = mae_reconstruction(model, load_images(["digits"], 32)[0], 0.5, seed=3)["loss"]
+    assert stats["reconstruction"] == {"mask_ratio": 0.5, "seed": 3, "loss": pytest.approx(want, rel=1e-6),
+                                       "norm_pix_loss": True, "num_images": 6}
+
+
+def test_load_model_reads_official_files_of_every_family(tmp_path):
+    from crate_fast.analyze import load_model
+    torch.manual_seed(0)
+    alpha = create_model("crate_alpha_tiny", num_classes=7, img_size=32, patch_size=8)
+    torch.save(to_official_state_dict(alpha), tmp_path / "alpha.pth")
+    got, data = load_model(str(tmp_path / "alpha.pth"), "crate_alpha_tiny", 32, 8)
+    assert data is None and got.config.num_classes == 7
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in alpha.state_dict().items())
+    # FAIR's container (the released CRATE-MAE file's): training arguments as an argparse.Namespace.
+    mae = create_model("mae_crate_tiny", img_size=32, patch_size=8)
+    args = argparse.Namespace(norm_pix_loss=True, mask_ratio=0.6, blr=1.5e-4)
+    torch.save({"model": to_official_state_dict(mae), "epoch": 799, "args": args}, tmp_path / "mae.pth")
+    got, _ = load_model(str(tmp_path / "mae.pth"), "mae_crate_tiny", 32, 8)
+    assert got.config.norm_pix_loss and got.config.mask_ratio == 0.6
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in mae.state_dict().items())
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model(str(tmp_path / "mae.pth"), "mae_crate_tiniest", 32, 8)
+
+
 def test_cli_errors(tmp_path, capsys):
     from crate_fast.analyze import main
     assert main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
@@ -455,6 +718,12 @@ def test_cli_errors(tmp_path, capsys):
                            (["--fg-threshold", "1"], "--fg-threshold must be in [0, 1)"),
                            (["--tau", "0"], "--tau must be in (0, 1]")]:
         assert main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--images", "digits", *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    mae = str(tiny_run_checkpoint(tmp_path, "mae_crate_tiny", "mae.pt"))
+    for ckpt_, flags, message in [(ckpt, ["--mask-ratio", "0.5"], "--mask-ratio is for CRATE-MAE models"),
+                                  (mae, ["--mask-ratio", "1"], "--mask-ratio must be in (0, 1)"),
+                                  (mae, ["--layer", "12"], "the model has 12 layers")]:
+        assert main(["--ckpt", ckpt_, "--out", str(tmp_path / "o"), "--images", "digits", *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert not (tmp_path / "o").exists(), "nothing is written before the arguments are checked"
     with pytest.raises(SystemExit):

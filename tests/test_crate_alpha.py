@@ -117,7 +117,7 @@ def test_state_dict_round_trip_is_exact():
     assert all(torch.equal(back[k], ref[k]) for k in ref)
     again = create_model("crate_alpha_tiny", num_classes=5, depth=2, **SMALL[0])
     load_official_state_dict(again, back)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values(), strict=True))
 
 
 def test_strict_loading_lists_what_differs():

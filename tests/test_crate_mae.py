@@ -374,3 +374,29 @@ def test_bad_inputs_are_clear_value_errors():
 def test_bad_config_is_a_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         CRATEMAEConfig(**{"dim": 64, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, **bad})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pretrained encoder as a classifier (fine-tuning)
+# ---------------------------------------------------------------------------------------------------
+def test_a_pretrained_encoder_loads_into_the_classifier_from_either_layout(capsys):
+    """Our CRATE-MAE state_dict and the official layout both load into mae_crate_*_cls: the classifier's
+    pre-logits equal the MAE encoder's pooled CLS features exactly; the decoder is skipped and reported."""
+    torch.manual_seed(0)
+    mae = create_model("mae_crate_tiny", img_size=32, patch_size=8, depth=2, decoder_depth=1)
+    x = torch.randn(2, 3, 32, 32)
+    for sd in (mae.state_dict(), to_official_state_dict(mae)):
+        cls = create_model("mae_crate_tiny_cls", img_size=32, patch_size=8, depth=2, num_classes=7)
+        load_weights(cls, sd, reset_head="auto")
+        with torch.no_grad():
+            assert torch.equal(cls.forward_head(cls.forward_features(x), pre_logits=True), mae.pooled(x))
+        assert cls(x).shape == (2, 7)
+        assert "skipped" in capsys.readouterr().err
+    # without reset_head the missing classifier is an error, as any missing key
+    cls = create_model("mae_crate_tiny_cls", img_size=32, patch_size=8, depth=2, num_classes=7)
+    with pytest.raises(RuntimeError, match="missing keys.*head.weight"):
+        load_weights(cls, mae.state_dict())
+    # an encoder of another depth is still a strict error
+    deeper = create_model("mae_crate_tiny_cls", img_size=32, patch_size=8, depth=3, num_classes=7)
+    with pytest.raises(RuntimeError, match="missing keys.*blocks.2"):
+        load_weights(deeper, mae.state_dict(), reset_head="auto")

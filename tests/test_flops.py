@@ -32,3 +32,13 @@ def test_vit_base_check_value_and_peaks():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and peak_flops("some cpu") is None
     with pytest.raises(ValueError):
         flops_per_image(get_config("crate_tiny"), ista="1mm")
+
+
+@pytest.mark.parametrize("name,patch,gflop", [
+    ("crate_alpha_base", 32, 13.1), ("crate_alpha_base", 16, 51.9), ("crate_alpha_base", 8, 223.0),
+    ("crate_alpha_large", 14, 239.6), ("crate_alpha_large", 8, 772.1)])
+def test_crate_alpha_flops(name, patch, gflop):
+    """Forward GFLOP per 224 px image of the published CRATE-alpha shapes (ODL = 8 N d m per layer)."""
+    assert round(flops_per_image(get_config(name, patch_size=patch)) / 1e9, 1) == gflop
+    cfg = get_config(name, patch_size=patch, overcomplete_ratio=1)
+    assert flops_per_image(cfg) < flops_per_image(get_config(name, patch_size=patch))

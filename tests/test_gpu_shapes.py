@@ -1,7 +1,8 @@
 """The fused kernels at CRATE's real sizes on a GPU (skipped without one; the interpreter covers logic).
 
-CRATE-S and CRATE-B attention at 224 px (N = 197, head dims 48 and 64), odd batch, and the ISTA step
-at the preset widths, fp32 and bf16, outputs and every gradient against a float64 reference.
+CRATE-S and CRATE-B attention at 224 px (N = 197, head dims 48 and 64), odd batch, the ISTA step at the
+preset widths and CRATE-alpha's ODL block at its widths, fp32 and bf16, outputs and every gradient
+against a float64 reference.
 """
 import pytest
 import torch
@@ -37,6 +38,28 @@ def test_ista_full_shapes(C, dtype):
     truth = run_grads(ista_step_ref, x, W, grad=g)
     plain = run_grads(ista_step_ref, x.to(dtype), W.to(dtype), grad=g.to(dtype))
     check_all(("out", "dx", "dW"), got, plain, truth)
+
+
+@pytest.mark.parametrize("d", [384, 768, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_odl_full_shapes(d, dtype):
+    """CRATE-alpha S/B/L widths (m = 4d), 5 images of 197 tokens, with the residual stream."""
+    from test_odl import compare, make
+    *inputs, dout = make((5, 197), d, dtype, "cuda")
+    names, got, plain, truth = compare("triton", inputs, dout)
+    check_all(names, got, plain, truth)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+def test_odl_full_shapes_autocast(residual):
+    """bf16 autocast at CRATE-alpha-B width: bf16 GEMMs, the fp32 residual stream (test_odl_autocast)."""
+    from test_odl import compare, make
+    from tolerances import AUTOCAST_ATOL
+    *inputs, dout = make((3, 197), 768, torch.float32, "cuda", residual)
+    names, got, plain, truth = compare("triton", inputs, dout, autocast=True)
+    assert got[0].dtype == (torch.float32 if residual else torch.bfloat16)
+    for name, g, p, t in zip(names, got, plain, truth, strict=True):
+        assert_2x_rule(g, p, t, what=name, atol=AUTOCAST_ATOL)
 
 
 @pytest.mark.parametrize("name", ["crate_small", "crate_base"])
@@ -84,3 +107,19 @@ def test_every_admitted_config_is_correct():
                 plain = run_grads(ista_step_ref, x.to(dtype), W.to(dtype), grad=gx.to(dtype))
                 for a, p, t in zip(got, plain, truth, strict=True):
                     check(a, p, t, f"ista config {i} {dtype}")
+
+
+def test_every_admitted_odl_config_is_correct():
+    """The ODL GEMM's configs, each on all five epilogues (d = 200: partial tiles in K and N; 591 rows)."""
+    from test_odl import compare, make
+
+    from crate_fast.kernels import odl
+    from crate_fast.kernels._triton import force_config
+    for i in range(len(odl.GEMM_CONFIGS)):
+        with force_config(i, odl._odl_gemm_kernel):
+            for dtype in (torch.bfloat16, torch.float32):
+                for residual in (True, False):
+                    *inputs, dout = make((3, 197), 200, dtype, "cuda", residual)
+                    names, got, plain, truth = compare("triton", inputs, dout)
+                    for name, a, p, t in zip(names, got, plain, truth, strict=True):
+                        check(a, p, t, f"odl config {i} {dtype} {name}")

@@ -57,9 +57,9 @@ def results(tmp_path):
 def test_gpu_tables_absolute_cpu_tables_ratios(results):
     text = report.render(str(results))
     lines = text.splitlines()
-    assert "| crate_base | 1,000 |  | 2,500 (2.50x) |  | 3,000 (3.00x) |  | 15.0% | 0.40x (triton) |" in lines
+    assert "| crate_base (b256) | 1,000 |  | 2,500 (2.50x) |  | 3,000 (3.00x) |  | 15.0% | 0.40x (triton) |" in lines
     # the graphs column appears only in runs that have it
-    assert "| crate_tiny | 1.00x | 2.00x |  |  |  | - | 0.70x activations (torch) |" in lines
+    assert "| crate_tiny (b32) | 1.00x | 2.00x |  |  |  | - | 0.70x activations (torch) |" in lines
     # kernel rows: per-call times of graph replays, providers in a fixed order
     assert "| op | shape | dtype | triton | sdpa_cudnn | sdpa_flash |" in lines
     assert "| mssa | 2x3x5x8 | bfloat16 | 1.000 (100) | 1.500 (66) | 2.000 (50) |" in lines

@@ -1,11 +1,15 @@
-"""Where CRATE looks: the CLS token's attention per head, DINO-style masks, the features the PCA reads.
+"""Where a CRATE-family model looks: the CLS token's attention per head, DINO-style masks, the features the
+PCA reads. Every family: CRATE and CRATE-alpha, and CRATE-MAE's encoder on the whole image (mask ratio 0;
+tokens.py says which tokens each family's blocks see).
 
 Sources of the formulas (docs cite them by repository and file):
   attention maps   DINO's `get_last_selfattention` + `attentions[0, :, 0, 1:]` (facebookresearch/dino,
                    vision_transformer.py and visualize_attention.py); the CRATE notebooks' twin is
                    `CRATE.get_last_selfattention(img, layer)` (LeslieTrue/crate-emergence-notebooks, crate.py)
   positions        off the training grid, the table is resized with DINO's interpolate_pos_encoding, as the
-                   notebooks do (`pos_interp="dino"`, see crate_fast.layers.resample_pos_embed)
+                   notebooks do (`pos_interp="dino"`, see crate_fast.layers.resample_pos_embed); CRATE-MAE's
+                   fixed sin-cos table too, as its forward_features and the official crate_ae.py
+                   interpolate_pos_encoding do
   masks            DINO's visualize_attention.py: sort, cumulative sum, keep the mass above 1 - tau
   features         the notebooks' 'key' facet: qkv(LN1(z)) of the patch tokens (crate.py `get_last_key`)
 """
@@ -14,15 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
-from ..models.crate import CRATE
-from .stats import _float_model
+from .tokens import check_model, check_pos_interp, embed_tokens, float_model
 
 
-def check_layer(model: CRATE, layer: int) -> int:
+def check_layer(model: nn.Module, layer: int) -> int:
     """`layer` as a block index in 0..depth-1. Accepts 0..depth-1 and, Python-style, -depth..-1.
 
-    Raises TypeError for a non-integer, ValueError for an index outside the model's depth."""
+    Raises TypeError for a non-integer or another kind of model, ValueError for an index outside the model's
+    depth (CRATE-MAE: its encoder's)."""
+    check_model(model)
     depth = len(model.blocks)
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int, got {layer!r}")
@@ -32,11 +38,12 @@ def check_layer(model: CRATE, layer: int) -> int:
     return layer % depth
 
 
-def check_heads(model: CRATE, heads: Sequence[int] | None) -> list[int]:
+def check_heads(model: nn.Module, heads: Sequence[int] | None) -> list[int]:
     """`heads` as a list of distinct head indices in 0..heads-1 (every head when None), in the order given.
 
     Accepts 0..heads-1 and -heads..-1. Raises TypeError for non-integers, ValueError for an empty list, a
-    repeated head, or an index outside the model's heads."""
+    repeated head, or an index outside the model's heads; TypeError for another kind of model."""
+    check_model(model)
     n = model.blocks[0].attn.heads
     if heads is None:
         return list(range(n))
@@ -56,10 +63,11 @@ def check_heads(model: CRATE, heads: Sequence[int] | None) -> list[int]:
 
 
 @torch.no_grad()
-def _layer_input(model: CRATE, images: torch.Tensor, layer: int, pos_interp: str):
+def _layer_input(model: nn.Module, images: torch.Tensor, layer: int, pos_interp: str):
     """(block `layer`, LN1 of its input tokens, patch grid), in fp32, with the model's mode restored."""
     layer = check_layer(model, layer)
-    model = _float_model(model)
+    check_pos_interp(pos_interp)
+    model = float_model(model)
     device = next(model.parameters()).device
     images = images.to(device, torch.float32)
     grid = model.patch_embed.grid(images)
@@ -67,7 +75,7 @@ def _layer_input(model: CRATE, images: torch.Tensor, layer: int, pos_interp: str
     model.eval()
     try:
         with torch.autocast(device.type, enabled=False):
-            x = model.embed(images, pos_interp=pos_interp)
+            x = embed_tokens(model, images, pos_interp)
             for blk in model.blocks[:layer]:
                 x = blk(x)
             blk = model.blocks[layer]
@@ -77,17 +85,19 @@ def _layer_input(model: CRATE, images: torch.Tensor, layer: int, pos_interp: str
 
 
 @torch.no_grad()
-def attention_maps(model: CRATE, images: torch.Tensor, layer: int = -1, heads: Sequence[int] | None = None,
+def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1, heads: Sequence[int] | None = None,
                    pos_interp: str = "dino") -> torch.Tensor:
     """The CLS row of each head's softmax(w w^T * scale) at block `layer`, on the patch grid.
 
+    model: CRATE, CRATE-alpha or CRATE-MAE (its encoder: `layer` counts encoder blocks).
     images: (B, C, H, W) float, H and W divisible by the patch (any size: off the training grid the position
     table is resized by `pos_interp`, "dino" (default: DINO's interpolate_pos_encoding, what the CRATE
-    notebooks use) or "size" (what the model's forward uses)). layer: 0..depth-1 or -depth..-1.
-    heads: head indices to keep, in that order (None: all).
+    notebooks and CRATE-MAE's forward_features use) or "size" (what the classifiers' forward uses)).
+    layer: 0..depth-1 or -depth..-1. heads: head indices to keep, in that order (None: all).
     Returns (B, len(heads), H / patch, W / patch) fp32; each full map sums to 1 - (CLS self-attention).
     The model runs in fp32 in eval mode (a 16-bit model is copied), and its mode is restored.
-    Raises ValueError / TypeError for a bad layer, head, pos_interp or image size.
+    Raises ValueError / TypeError for a bad layer, head, pos_interp or image size, TypeError for another
+    kind of model.
     Source: DINO visualize_attention.py `attentions[0, :, 0, 1:]` (facebookresearch/dino); CRATE's
     `get_last_selfattention(img, layer)` (LeslieTrue/crate-emergence-notebooks, crate.py)."""
     heads = check_heads(model, heads)
@@ -114,7 +124,7 @@ def threshold_masks(maps: torch.Tensor, tau: float = 0.6) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patch_features(model: CRATE, images: torch.Tensor, layer: int = -1, pos_interp: str = "dino") -> torch.Tensor:
+def patch_features(model: nn.Module, images: torch.Tensor, layer: int = -1, pos_interp: str = "dino") -> torch.Tensor:
     """The subspace features w = LN1(z) U (q = k = v) of the patch tokens at block `layer`, heads concatenated.
 
     images: (B, C, H, W) as for attention_maps (same `layer` and `pos_interp` rules).

@@ -1,21 +1,23 @@
-"""Per-layer white-box statistics of a CRATE model: coding rate (compression) and sparsity.
+"""Per-layer white-box statistics of a CRATE-family model: coding rate (compression) and sparsity.
 
-For layer l, with z the layer's input tokens and w_k = LN1(z) U_k the head-k subspace coordinates:
+For layer l (an encoder layer of CRATE-MAE), with z the layer's input tokens and w_k = LN1(z) U_k the head-k
+subspace coordinates:
   R^c  = 1/2 sum_k logdet(I_n + p / (n eps) Y_k Y_k^T),  Y_k = w_k with every token unit-normalized
          (the official vis_utils/coding_rate.py; eps = 0.01, n tokens including CLS, p = head dim);
   R    = 1/2 logdet(I_n + d / (n eps) Z Z^T),  Z = LN1(z) tokens unit-normalized: the expansion term of
          the rate-reduction objective (the official code never shipped it);
-  sparsity = fraction of exact zeros of the ISTA output (n x d per image); l0 = 1 - sparsity.
+  sparsity = fraction of exact zeros of the layer's sparse codes: the ISTA output (n x d per image) for
+         CRATE and CRATE-MAE's encoder, the ODL codes a2 of LN2(z_half) (n x 4d) for CRATE-alpha, whose
+         block output adds a residual and is dense (tokens.py); l0 = 1 - sparsity.
 Each is computed per image in fp32, then averaged over the batch (mean and std). logdet(I + c Y Y^T)
 is evaluated on the smaller Gram matrix (Sylvester's identity), via Cholesky.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
+from torch import nn
 
-from ..models.crate import CRATE
+from .tokens import check_pos_interp, embed_tokens, float_model, sparse_step
 
 EPS = 0.01
 
@@ -58,37 +60,38 @@ def zero_fraction(x: torch.Tensor) -> torch.Tensor:
     return (x == 0).flatten(1).float().mean(1)
 
 
-def _float_model(model: CRATE) -> CRATE:
-    if all(p.dtype == torch.float32 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).float()
-
-
 @torch.no_grad()
-def layer_stats(model: CRATE, images: torch.Tensor, eps: float = EPS, pos_interp: str = "dino") -> list[dict]:
-    """One dict per layer: coding_rate, coding_rate_std, expansion_rate, expansion_rate_std,
-    sparsity, sparsity_std, l0, l0_std (means and stds over the batch, Python floats), computed in fp32.
+def layer_stats(model: nn.Module, images: torch.Tensor, eps: float = EPS, pos_interp: str = "dino") -> list[dict]:
+    """One dict per layer (CRATE-MAE: per encoder layer): coding_rate, coding_rate_std, expansion_rate,
+    expansion_rate_std, sparsity, sparsity_std, l0, l0_std (means and stds over the batch, Python floats),
+    computed in fp32.
 
+    model: CRATE, CRATE-alpha or CRATE-MAE (its encoder on the whole image, mask ratio 0: the tokens
+    forward_features sees). sparsity counts the zeros of the ISTA output (CRATE, CRATE-MAE) or of the ODL
+    codes a2 (CRATE-alpha); see the module docstring.
     images: (B, C, H, W) float, H and W divisible by the patch; off the training grid the position table
-    is resized by `pos_interp` ("dino", the CRATE notebooks' way, or "size", the model's forward).
-    The layers run exactly as CRATEBlock.forward does, step by step: no hooks are registered, so
-    nothing lingers on the model after the call; a 16-bit model is copied to fp32; the mode is restored.
-    Raises ValueError for a bad image size or pos_interp. Source: Ma-Lab-Berkeley/CRATE
-    vis_utils/crate_hook.py (R^c of each layer's qkv output, sparsity of each ISTA output)."""
-    model = _float_model(model)
+    is resized by `pos_interp` ("dino", the CRATE notebooks' way and CRATE-MAE's forward_features, or
+    "size", the classifiers' forward). The layers run exactly as their blocks' forward does, step by
+    step: no hooks are registered, so nothing lingers on the model after the call; a 16-bit model is
+    copied to fp32; the mode is restored.
+    Raises ValueError for a bad image size or pos_interp, TypeError for another kind of model. Source:
+    Ma-Lab-Berkeley/CRATE vis_utils/crate_hook.py (R^c of each layer's qkv output, sparsity of each ISTA
+    output)."""
+    check_pos_interp(pos_interp)
+    model = float_model(model)
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         with torch.autocast(device.type, enabled=False):
-            x = model.embed(images.to(device, torch.float32), pos_interp=pos_interp)
+            x = embed_tokens(model, images.to(device, torch.float32), pos_interp)
             out = []
             for blk in model.blocks:
                 zn = blk.norm1(x)
                 rc = coding_rate(blk.attn.project(zn), eps)
                 r = expansion_rate(zn, eps)
-                x = blk.ista(blk.norm2(x + blk.attn(zn)))
-                zf = zero_fraction(x)
+                x, codes = sparse_step(blk, x + blk.attn(zn))
+                zf = zero_fraction(codes)
                 out.append({name: float(v) for name, v in [
                     ("coding_rate", rc.mean()), ("coding_rate_std", _std(rc)),
                     ("expansion_rate", r.mean()), ("expansion_rate_std", _std(r)),

@@ -2,13 +2,15 @@
 
 - :mod:`crate_fast.models.crate`: the CRATE classifier (Yu et al., NeurIPS 2023).
 - :mod:`crate_fast.models.crate_alpha`: CRATE-alpha, the scaled classifier (Yang et al., NeurIPS 2024).
-- :mod:`crate_fast.models.crate_mae`: CRATE-MAE, the white-box masked autoencoder (Pai et al., ICLR 2024).
+- :mod:`crate_fast.models.crate_mae`: CRATE-MAE, the white-box masked autoencoder (Pai et al., ICLR 2024),
+  and its encoder as a classifier for fine-tuning.
 - :mod:`crate_fast.models.base`: what the classifiers share (pooling, head, timm's model contract).
 
 crate_fast.registry lists every family's presets; docs/DESIGN.md §7 says how to add a family.
 """
 from .crate import CRATE, CRATEConfig
 from .crate_alpha import CRATEAlpha, CRATEAlphaConfig
-from .crate_mae import CRATEMAE, CRATEMAEConfig
+from .crate_mae import CRATEMAE, CRATEMAEClassifier, CRATEMAEClassifierConfig, CRATEMAEConfig
 
-__all__ = ["CRATE", "CRATEAlpha", "CRATEAlphaConfig", "CRATEConfig", "CRATEMAE", "CRATEMAEConfig"]
+__all__ = ["CRATE", "CRATEAlpha", "CRATEAlphaConfig", "CRATEConfig", "CRATEMAE", "CRATEMAEClassifier",
+           "CRATEMAEClassifierConfig", "CRATEMAEConfig"]

@@ -27,6 +27,8 @@ from ..checkpoint import KeyMap
 from ..config import Size, check_positive, to_2tuple
 from ..kernels import check_impl
 from ..layers import MSSA, ConvPatchEmbed, CRATEBlock, patch_grid, resample_pos_embed, set_impl
+from .base import TokenClassifier
+from .crate import CRATEConfig
 
 POOLS = ("cls", "mean")
 
@@ -428,3 +430,66 @@ class CRATEMAE(nn.Module):
         """(B, in_chans, H, W) images -> (B, dim) features for a linear probe (forward_features, then
         forward_head's pooling)."""
         return self.forward_head(self.forward_features(imgs), pool=pool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pretrained encoder as a classifier (fine-tuning)
+# ---------------------------------------------------------------------------------------------------
+CLASSIFIER_PRESETS: dict[str, dict] = {f"{name}_cls": {k: v for k, v in preset.items() if k != "decoder_depth"}
+                                       for name, preset in PRESETS.items()}
+
+
+@dataclass(frozen=True)
+class CRATEMAEClassifierConfig(CRATEConfig):
+    """A CRATE-MAE encoder with a classifier: CRATEConfig's fields (num_classes, pool, dropout ...) with the
+    encoder's ISTA lambda of 0.5 by default; dim must be a multiple of 4 (the sin-cos table)."""
+
+    lambd: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dim % 4:
+            raise ValueError(f"dim must be a multiple of 4 (the 2-D sin-cos position table), got {self.dim}")
+
+
+class CRATEMAEClassifier(TokenClassifier):
+    """The CRATE-MAE encoder fine-tuned as a classifier: conv patch embedding -> CLS + the fixed 2-D sin-cos
+    positions -> depth x CRATEBlock (lambda 0.5) -> pool -> LN (eps 1e-6: the encoder's ``norm``, which
+    commutes with taking the CLS token) -> Linear. The official code has no such model (FAIR's
+    main_finetune.py builds a ViT, into which a CRATE-MAE checkpoint loads nothing); this is the encoder
+    exactly as it ran in pretraining, plus a linear head.
+
+    Weights of a CRATE-MAE pretraining (a crate-fast run or the official layout) load with
+    ``crate_fast.load_weights(model, path, reset_head=True)`` (``train.py --finetune``): the encoder's
+    keys map onto this model's and the decoder and mask token are skipped (crate_fast.checkpoint).
+    """
+
+    config_class = CRATEMAEClassifierConfig
+    official_keys = None          # no official model: files in CRATE-MAE's layouts load (pretrained_from)
+    head_keys = ("head.",)
+    # crate_fast.checkpoint: a CRATE-MAE state_dict (ours, or official through CRATEMAE.official_keys) names
+    # this model's parameters after these prefix renames; its keys starting with pretrain_dropped are the
+    # decoder's (and pos_embed's twin), skipped and reported.
+    pretrained_from = CRATEMAE
+    pretrain_renames = {"norm.": "head_norm."}
+    pretrain_dropped = ("mask_token", "decoder_")
+
+    def __init__(self, config: CRATEMAEClassifierConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.dim, cfg.grid_size)[None], requires_grad=False)
+        self.pos_drop = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList(
+            CRATEBlock(cfg.dim, cfg.heads, cfg.dim_head, step_size=cfg.step_size, lambd=cfg.lambd,
+                       dropout=cfg.dropout, impl=cfg.impl)
+            for _ in range(cfg.depth)
+        )
+        self.head_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        nn.init.normal_(self.cls_token, std=0.02)
+        self._init_contract()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}

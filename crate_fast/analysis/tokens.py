@@ -1,0 +1,87 @@
+"""How the white-box analysis reads a model of any family: the tokens entering its first (encoder) block,
+and what each block's sparse-coding step outputs.
+
+    CRATE, CRATE-alpha   model.embed(images, pos_interp): patches, CLS, the learned position table
+    CRATE-MAE            the encoder on the whole image, mask ratio 0: the tokens forward_features feeds its
+                         blocks (patches, CLS, + decoder_pos_embed, the fixed sin-cos table the official
+                         encoder adds, crate_ae.py forward_encoder); ``model.norm`` follows the last block
+    sparse codes         CRATEBlock (CRATE, CRATE-MAE's encoder): the ISTA output, which is the next
+                         layer's input; CRATEAlphaBlock: the ODL codes a2 of LN2(z_half), not the block's
+                         output (z_half + a2 D1^T: a residual sum, dense)
+Off the training grid the position table is resized by `pos_interp`: "dino" (DINO's
+interpolate_pos_encoding, what the CRATE notebooks and CRATE-MAE's forward_features use) or "size"
+(F.interpolate(size=...), what the classifiers' forward uses); crate_fast.layers.resample_pos_embed.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..layers import CRATEAlphaBlock, CRATEBlock, resample_pos_embed
+from ..models.base import TokenClassifier
+from ..models.crate_mae import CRATEMAE
+
+POS_INTERPS = ("dino", "size")
+
+
+def check_model(model: nn.Module) -> None:
+    """TypeError unless `model` is a crate_fast model the analysis reads (CRATE, CRATE-alpha, CRATE-MAE)."""
+    if not isinstance(model, (TokenClassifier, CRATEMAE)):
+        raise TypeError(f"the white-box analysis reads CRATE, CRATE-alpha and CRATE-MAE models, got "
+                        f"{type(model).__name__}")
+
+
+def check_pos_interp(pos_interp: str) -> str:
+    """`pos_interp` if it is "dino" or "size"; ValueError otherwise."""
+    if pos_interp not in POS_INTERPS:
+        raise ValueError(f"pos_interp must be 'dino' or 'size', got {pos_interp!r}")
+    return pos_interp
+
+
+def float_model(model: nn.Module) -> nn.Module:
+    """The model itself when every parameter is fp32, else an fp32 copy (the analysis runs in fp32)."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).float()
+
+
+def embed_tokens(model: nn.Module, images: torch.Tensor, pos_interp: str = "dino") -> torch.Tensor:
+    """The tokens entering the first (encoder) block: (B, C, H, W) images -> (B, 1 + H/p * W/p, dim),
+    CLS first, in the dtype of the model and images. H and W: any multiple of the patch.
+
+    For CRATE-MAE with pos_interp="dino" this is exactly what forward_features feeds its blocks (at the
+    config's size also forward_encoder's tokens at mask ratio 0: every patch, none replaced by the mask
+    token). Raises ValueError for a bad pos_interp or image size, TypeError for another model."""
+    check_model(model)
+    check_pos_interp(pos_interp)
+    if isinstance(model, TokenClassifier):
+        return model.embed(images, pos_interp=pos_interp)
+    # CRATE-MAE has no embed method; these are forward_features' first three lines with the resize
+    # method as a parameter (tests/test_analysis.py checks them against forward_features bit for bit).
+    grid = model.patch_embed.grid(images)
+    x = model.patch_embed(images)
+    pos = resample_pos_embed(model.decoder_pos_embed, model.config.grid_size, grid, pos_interp)
+    return torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+
+
+def sparse_step(block: nn.Module, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's second half on z_half = z + MSSA(LN1(z)): (the block's output, its sparse codes).
+
+    CRATEBlock: both are ISTA(LN2(z_half)), (B, N, dim). CRATEAlphaBlock: the output is
+    z_half + ODL(LN2(z_half)) (B, N, dim), as the block's forward computes it; the codes are
+    ODL.codes(LN2(z_half)) = a2, (B, N, ratio * dim) fp32. Raises TypeError for another block."""
+    if isinstance(block, CRATEAlphaBlock):
+        xn = block.norm2(z_half)
+        return block.odl(xn, residual=z_half), block.odl.codes(xn)
+    if isinstance(block, CRATEBlock):
+        out = block.ista(block.norm2(z_half))
+        return out, out
+    raise TypeError(f"expected a CRATEBlock or CRATEAlphaBlock, got {type(block).__name__}")
+
+
+def sparse_code_name(model: nn.Module) -> str:
+    """What layer_stats' sparsity counts the zeros of, for labels: "ISTA output" or "ODL codes a2"."""
+    check_model(model)
+    return "ODL codes a2" if isinstance(model.blocks[0], CRATEAlphaBlock) else "ISTA output"

@@ -1,0 +1,129 @@
+"""train.py with the CRATE-alpha and CRATE-MAE families: the named recipes against the official configs,
+timm's mixup/cutmix, MAE pretraining, its exact resume and its linear probe."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import crate_fast  # noqa: E402
+import train  # noqa: E402
+from crate_fast.optim import param_groups  # noqa: E402
+
+# Small synthetic runs: random images, a few steps per epoch, no data preparation.
+TINY = ["--data", "synthetic", "--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--synthetic-steps", "3",
+        "--workers", "1", "--log-every", "1000"]
+
+# The official big_vision configs of CRATE-alpha (UCSC-VLAA/CRATE-alpha configs/crate/classification/), value by
+# value: pre_training_in21k.py and fine_tuning_in1k.py (batch 4096; lr = base_lr * batch // 256).
+OFFICIAL_ALPHA = {
+    "crate_alpha_in21k": dict(lr=0.00005 * (4096 // 256), batch_size=4096, epochs=91, warmup_epochs=10, min_lr=1e-6,
+                              betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0, mixup=0.8, cutmix=1.0,
+                              mixup_switch_prob=0.5, label_smoothing=0.0, randaugment=False, scale=(0.08, 1.0),
+                              img_size=224),
+    "crate_alpha_in1k_ft": dict(lr=0.00001 * (4096 // 256), batch_size=4096, epochs=91, warmup_epochs=10, min_lr=1e-6,
+                                betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0, mixup=0.8, cutmix=1.0,
+                                mixup_switch_prob=0.5, label_smoothing=0.1, randaugment=True, ra_magnitude=9,
+                                scale=(0.08, 1.0), img_size=224),
+}
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL_ALPHA))
+def test_crate_alpha_recipes_are_the_official_configs(recipe, capsys):
+    cfg = train.resolve(train.TrainConfig(arch="crate_alpha_base", recipe=recipe, data="synthetic"))
+    resolved = {k: getattr(cfg, k) for k in OFFICIAL_ALPHA[recipe]}
+    print(recipe, json.dumps(resolved))                       # the resolved config, next to the official one
+    official = dict(OFFICIAL_ALPHA[recipe])
+    assert resolved.pop("lr") == pytest.approx(official.pop("lr"))
+    assert resolved == official
+    assert cfg.opt == "adamw" and cfg.wd_exclude and cfg.patch_size is None     # the preset's patch (/16)
+    # weight decay only on what the official mask '.*/kernel$' hits
+    model = crate_fast.create_model("crate_alpha_tiny", depth=1)
+    decayed, undecayed = param_groups(model, cfg.weight_decay, cfg.wd_exclude)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == [
+        "blocks.0.attn.out.weight", "blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"]
+    assert decayed["weight_decay"] == 0.1 and undecayed["weight_decay"] == 0.0
+
+
+def test_mae_recipe_is_the_papers_with_fairs_loop():
+    cfg = train.resolve(train.TrainConfig(arch="mae_crate_base", data="synthetic"))
+    assert (cfg.opt, cfg.betas, cfg.weight_decay, cfg.wd_exclude) == ("adamw", (0.9, 0.95), 0.1, True)
+    assert cfg.lr == pytest.approx(3e-5 * 4096 / 256) and (cfg.epochs, cfg.warmup_epochs) == (800, 40)
+    assert cfg.scale == (0.2, 1.0) and cfg.mask_ratio == 0.75 and cfg.flip
+    assert train.recipe_for("synthetic", None, "crate_mae")[0] == "mae_pretrain"
+    # FAIR's grouping: no decay on 1-D tensors and biases; tokens decayed; frozen tables not optimized
+    model = crate_fast.create_model("mae_crate_tiny", depth=1, decoder_depth=1, img_size=32, patch_size=8)
+    decayed, undecayed = param_groups(model, 0.1, True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"cls_token", "mask_token"} <= {names[id(p)] for p in decayed["params"]}
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in decayed["params"])
+    assert not {"pos_embed", "decoder_pos_embed"} & {names[id(p)] for g in (decayed, undecayed) for p in g["params"]}
+
+
+def test_flags_a_family_lacks_and_bad_values_are_clear_errors():
+    for argv, msg in [
+        (["--arch", "crate_tiny", "--mask-ratio", "0.5"], "--mask-ratio does not apply to CRATE models"),
+        (["--arch", "mae_crate_tiny", "--pool", "mean"], "--pool does not apply to CRATE-MAE"),
+        (["--arch", "mae_crate_tiny", "--mixup", "0.8"], "CRATE-MAE pretraining has none"),
+        (["--arch", "crate_tiny", "--probe"], "--probe"),
+        (["--arch", "crate_alpha_tiny", "--recipe", "nope"], "unknown recipe"),
+        (["--arch", "mae_crate_tiny", "--mask-ratio", "1.0"], "mask_ratio"),
+        (["--arch", "crate_alpha_tiny", "--drop-path", "1.5"], "drop_path"),
+        (["--arch", "crate_alpha_tiny", "--blr", "-1"], "--blr"),
+    ]:
+        with pytest.raises(SystemExit, match=msg):
+            train.resolve(train.TrainConfig(**vars(train.build_parser().parse_args(argv + ["--data", "synthetic"]))))
+    # --lr wins over --blr, --blr over the recipe
+    cfg = train.resolve(train.TrainConfig(arch="crate_alpha_tiny", recipe="crate_alpha_in21k", data="synthetic",
+                                          blr=1e-4, batch_size=512))
+    assert cfg.lr == pytest.approx(2e-4)
+    cfg = train.resolve(train.TrainConfig(arch="crate_alpha_tiny", recipe="crate_alpha_in21k", data="synthetic",
+                                          lr=3e-3))
+    assert cfg.lr == 3e-3
+
+
+def test_crate_alpha_trains_with_mixup_cutmix_and_drop_path(tmp_path):
+    pytest.importorskip("timm")
+    out = str(tmp_path / "alpha")
+    assert train.main(["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in21k", "--epochs", "1",
+                       "--warmup-epochs", "0", "--drop-path", "0.1", "--out", out] + TINY) == 0
+    (row,) = rows(out)
+    assert row["step"] == 3 and row["train_loss"] > 0 and row["val_top1"] >= 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["recipe"] == "crate_alpha_in21k" and cfg["mixup"] == 0.8 and cfg["grad_clip"] == 1.0
+    model = crate_fast.create_model("crate_alpha_tiny", img_size=16, patch_size=4)
+    crate_fast.load_weights(model, os.path.join(out, "model.safetensors"))
+
+
+def test_mae_pretraining_resumes_exactly_and_probes(tmp_path):
+    pytest.importorskip("sklearn")
+    args = ["--arch", "mae_crate_tiny", "--epochs", "2", "--warmup-epochs", "1"] + TINY
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    assert train.main(args + ["--out", full, "--probe"]) == 0
+    assert train.main(args + ["--out", split, "--stop-after", "1"]) == 0
+    assert train.main(args + ["--out", split, "--resume", "auto"]) == 0
+    a, b = rows(full), rows(split)
+    assert [r["epoch"] for r in b] == [1, 2] and "val_top1" not in a[0]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_loss", "val_loss", "lr", "step"):
+            assert ra[k] == rb[k], (k, ra[k], rb[k])
+    probe = json.load(open(os.path.join(full, "probe.json")))
+    assert set(probe) == {"pretrained", "init"} and all(0 <= r["val_top1"] <= 100 for r in probe.values())
+    # the best weights are a CRATE-MAE state_dict that loads into a fresh model
+    model = crate_fast.create_model("mae_crate_tiny", img_size=16, patch_size=4)
+    crate_fast.load_weights(model, os.path.join(full, "model.safetensors"))
+    # ... and fine-tunes into a classifier: the encoder's weights, a fresh head
+    ft = str(tmp_path / "ft")
+    assert train.main(["--arch", "mae_crate_tiny_cls", "--epochs", "1", "--finetune",
+                       os.path.join(full, "model.safetensors"), "--out", ft] + TINY) == 0
+    tuned = crate_fast.create_model("mae_crate_tiny_cls", img_size=16, patch_size=4, num_classes=1000)
+    crate_fast.load_weights(tuned, os.path.join(ft, "last.pt"))
+    assert rows(ft)[0]["val_top1"] >= 0 and tuned.head.out_features == 1000
