@@ -3,6 +3,7 @@
 #
 #   ./run.sh train [train.py flags]   the main job: train crate_tiny on the embedded digits data set
 #   ./run.sh test  [pytest flags]     the whole test suite
+#   ./run.sh mae   [train.py flags]   CRATE-MAE pretraining on digits, then a linear probe (CPU demo)
 #
 # Set-up: Debian packages FFCV builds against (installed when run as root, else explained), a .venv/
 # in the repository root, and this package installed into it in editable mode with its extras.
@@ -68,13 +69,18 @@ case "$cmd" in
         exec "$VENV/bin/torchrun" --standalone --nproc_per_node=1 train.py \
             --arch crate_tiny --data digits --out runs/digits "$@"
         ;;
+    mae)
+        setup
+        exec "$VENV/bin/torchrun" --standalone --nproc_per_node=1 train.py \
+            --arch mae_crate_tiny --data digits --out runs/mae_digits --probe "$@"
+        ;;
     test)
         setup
         # Any non-zero pytest status fails, including 5 ("no tests collected").
         exec "$VENV/bin/python" -m pytest tests "$@"
         ;;
     *)
-        echo "usage: ./run.sh train [train.py flags] | ./run.sh test [pytest flags]" >&2
+        echo "usage: ./run.sh train [train.py flags] | ./run.sh test [pytest flags] | ./run.sh mae [train.py flags]" >&2
         exit 2
         ;;
 esac

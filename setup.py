@@ -32,7 +32,7 @@ setup(
         # FFCV builds a C extension against Debian's pkg-config libturbojpeg0-dev libopencv-dev.
         "data": ["ffcv==1.0.2", "numba", "opencv-python-headless", "scikit-learn", "scikit-image", "torchvision"],
         "bench": ["pytest", "pytest-benchmark", "timm"],
-        "analysis": ["matplotlib", "scikit-image"],
+        "analysis": ["matplotlib", "scikit-image", "scikit-learn"],      # pictures; linear probes
         "dev": ["pytest", "pytest-benchmark", "ruff", "lion-pytorch", "timm", "matplotlib",
                 "scikit-learn", "scikit-image", "torchvision"],
     },

@@ -68,60 +68,60 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     """Every flag of train.py (None: taken from the data set's recipe, crate_fast/recipes.py)."""
 
-    arch: str = "crate_tiny"
-    data: str = "digits"
+    arch: str = "crate_tiny"                 # a preset of any family (crate_fast.list_models())
+    data: str = "digits"                     # digits | synthetic | cifar10 | ... | a folder of train/ val/ or .betons
     recipe: str | None = None                # a named recipe (crate_fast/recipes.py) instead of --data's own
-    out: str = "runs/run"
+    out: str = "runs/run"                    # the run directory (config, metrics, checkpoints)
     impl: str = "auto"                       # one of crate_fast.IMPLS
     loader: str = "ffcv"                     # ffcv | torchvision
     data_root: str | None = None             # where torchvision data sets live / are downloaded
     cache_dir: str = DEFAULT_CACHE           # converted .beton files
-    device: str | None = None                # cpu | cuda (default: cuda when available)
-    epochs: int | None = None
+    device: str | None = None                # cpu | cuda (None: cuda when available)
+    epochs: int | None = None                # training epochs
     batch_size: int | None = None            # global, across all ranks and accumulation steps
-    val_batch_size: int | None = None
-    accum_steps: int = 1
+    val_batch_size: int | None = None        # global evaluation batch (None: --batch-size)
+    accum_steps: int = 1                     # gradient accumulation: micro-batches per optimizer step
     opt: str | None = None                   # lion | adamw
-    lr: float | None = None
+    lr: float | None = None                  # peak learning rate (after warmup)
     blr: float | None = None                 # base lr per 256 images: lr = blr x batch / 256 when --lr is not set
-    min_lr: float | None = None
-    weight_decay: float | None = None
-    betas: tuple[float, float] | None = None
+    min_lr: float | None = None              # the cosine schedule's floor
+    weight_decay: float | None = None        # decoupled weight decay
+    betas: tuple[float, float] | None = None   # optimizer betas (None: the optimizer's usual ones)
     wd_exclude: bool | None = None           # no decay on 1-D params, model.no_weight_decay() (CRATE decays all)
-    warmup_epochs: float | None = None
-    label_smoothing: float | None = None
+    warmup_epochs: float | None = None       # linear warmup, per step
+    label_smoothing: float | None = None     # cross-entropy label smoothing
     mixup: float | None = None               # mixup alpha (timm's Mixup; 0: off)
     cutmix: float | None = None              # cutmix alpha (0: off)
     mixup_prob: float | None = None          # probability of mixing a batch at all
     mixup_switch_prob: float | None = None   # probability of cutmix instead of mixup when both are on
     grad_clip: float | None = None           # 0: off (the official CRATE main.py defines 1.0 but never applies it)
-    precision: str | None = None             # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
-    compile: bool = False
+    precision: str | None = None             # bf16 | fp16 | fp32 (None: bf16 on GPU, fp32 on CPU)
+    compile: bool = False                    # torch.compile the model
     compile_mode: str = "default"            # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
-    img_size: int | None = None
-    patch_size: int | None = None
-    pool: str = "cls"
-    dropout: float = 0.0
+    img_size: int | None = None              # training resolution (px)
+    patch_size: int | None = None            # patch size (None: the recipe's, else the preset's)
+    pool: str = "cls"                        # classifier pooling: cls | mean
+    dropout: float = 0.0                     # attention and output-projection dropout
     drop_path: float | None = None           # stochastic depth of the last block, linear from 0 (CRATE-alpha)
     mask_ratio: float | None = None          # CRATE-MAE: fraction of patches masked
     norm_pix_loss: bool | None = None        # CRATE-MAE: per-patch standardized pixel targets
     grad_checkpointing: bool = False         # recompute each block in the backward: less activation memory
-    flip: bool | None = None
+    flip: bool | None = None                 # random horizontal flips in training
     scale: tuple[float, float] | None = None      # RandomResizedCrop area range (timm's name)
     ratio: tuple[float, float] | None = None      # RandomResizedCrop aspect-ratio range (timm's name)
     crop_pct: float | None = None            # center-crop fraction at evaluation (224/256; timm's name)
     randaugment: bool | None = None          # RandAugment(2, --ra-magnitude) per image on uint8 pixels (finetuning)
     ra_magnitude: int | None = None          # 14: the official CRATE finetune.py; 9: CRATE-alpha's
     progressive: tuple[int, int, int] | None = None   # (start res, end res, end epoch): FFCV's low-res recipe
-    workers: int | None = None
-    seed: int = 0
+    workers: int | None = None               # data-loading worker threads
+    seed: int = 0                            # initial weights, data order, masks
     resume: str | None = None                # RUN_DIR, a .pt file, or "auto" (= --out if it has last.pt)
     finetune: str | None = None              # weights to start from (crate-fast or official), new head
     trust_checkpoint: bool = False           # allow --resume/--finetune files that need code execution to load
-    eval_only: bool = False
+    eval_only: bool = False                  # evaluate (--resume / --finetune weights) and exit
     probe: bool = False                      # CRATE-MAE: linear probe of the encoder after training (and at init)
     stop_after: int | None = None            # end after this epoch as if preempted (resume later)
-    synthetic_steps: int = 50
+    synthetic_steps: int = 50                # steps per epoch of --data synthetic
     max_nonfinite: int = 5                   # consecutive non-finite steps tolerated (skipped) before stopping
     log_every: int = 10                      # steps between progress updates (log lines when not on a terminal)
     dist_url: str = "env://"                 # torch.distributed init method
@@ -140,24 +140,36 @@ def _parse_tuple(kind):
     return parse
 
 
+def _field_help() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment (its one-line documentation), for --help."""
+    import inspect
+    import re
+
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$",
+                                                               inspect.getsource(TrainConfig), re.M)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Train CRATE (see the usage at the top of train.py).",
+    ap = argparse.ArgumentParser(description="Train a CRATE-family model (see the usage at the top of train.py). "
+                                 "A default of None comes from the --data source's recipe or --recipe.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")] + ALIASES.get(f.name, [])
         t = f.type if isinstance(f.type, str) else str(f.type)
+        kw = dict(default=f.default, help=helps.get(f.name, " "))
         if t.startswith("bool"):
-            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif "tuple[int, int, int]" in t:
-            ap.add_argument(*flags, type=_parse_tuple(int), default=f.default, metavar="A,B,C")
+            ap.add_argument(*flags, type=_parse_tuple(int), metavar="A,B,C", **kw)
         elif "tuple[float, float]" in t:
-            ap.add_argument(*flags, type=_parse_tuple(float), default=f.default, metavar="A,B")
+            ap.add_argument(*flags, type=_parse_tuple(float), metavar="A,B", **kw)
         elif t.startswith("int"):
-            ap.add_argument(*flags, type=int, default=f.default)
+            ap.add_argument(*flags, type=int, **kw)
         elif t.startswith("float"):
-            ap.add_argument(*flags, type=float, default=f.default)
+            ap.add_argument(*flags, type=float, **kw)
         else:
-            ap.add_argument(*flags, type=str, default=f.default)
+            ap.add_argument(*flags, type=str, **kw)
     return ap
 
 

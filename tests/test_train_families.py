@@ -127,3 +127,10 @@ def test_mae_pretraining_resumes_exactly_and_probes(tmp_path):
     tuned = crate_fast.create_model("mae_crate_tiny_cls", img_size=16, patch_size=4, num_classes=1000)
     crate_fast.load_weights(tuned, os.path.join(ft, "last.pt"))
     assert rows(ft)[0]["val_top1"] >= 0 and tuned.head.out_features == 1000
+
+
+def test_every_flag_has_help_text():
+    """--help documents each flag (from its TrainConfig comment) and marks recipe-filled defaults."""
+    actions = [a for a in train.build_parser()._actions if a.dest != "help"]
+    assert len(actions) == len(train.dataclasses.fields(train.TrainConfig))
+    assert all(a.help.strip() for a in actions), [a.dest for a in actions if not a.help.strip()]
