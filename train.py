@@ -41,10 +41,12 @@ import importlib.util
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 import crate_fast
 from crate_fast.checkpoint import UnsafeCheckpointError
 from crate_fast.data import LoaderOptions, build_loaders
-from crate_fast.data.sources import DEFAULT_CACHE
+from crate_fast.data.sources import DEFAULT_CACHE, kind_of
 from crate_fast.flops import flops_per_image, peak_flops
 from crate_fast.optim import Lion, lr_at, param_groups
 from crate_fast.progress import Progress
@@ -177,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FIELDS = ("img_size", "patch_size", "impl", "pool", "dropout", "drop_path", "mask_ratio", "norm_pix_loss")
 
 
+def _same(value):
+    """A config value as compared across runs (a JSON round trip turns tuples into lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def family_of(cfg: TrainConfig) -> str:
     return crate_fast.registry.family_of(cfg.arch).name
 
@@ -201,6 +208,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every None from the recipe and the machine; validate. Raises SystemExit("error: ...")."""
     if cfg.arch not in crate_fast.list_models():
         raise SystemExit(f"error: --arch must be one of {crate_fast.list_models()}, got {cfg.arch!r}")
+    try:
+        data_kind = kind_of(cfg.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
     try:
         _, recipe = recipe_for(cfg.data, cfg.recipe, family_of(cfg))
     except ValueError as e:
@@ -243,6 +254,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
          "--mixup-prob and --mixup-switch-prob must be in [0, 1]"),
         (0 <= out.ra_magnitude <= 30, f"--ra-magnitude must be in 0..30, got {out.ra_magnitude}"),
         (out.grad_clip >= 0 and out.min_lr >= 0, "--grad-clip and --min-lr must be >= 0"),
+        (out.min_lr <= out.lr, f"--min-lr {out.min_lr:g} is above the peak lr {out.lr:g} (a small --batch-size "
+         "scales a --blr recipe's lr down): lower --min-lr"),
+        (out.mask_ratio is None or 0 < out.mask_ratio < 1,
+         f"--mask-ratio must be in (0, 1): pretraining reconstructs masked patches, got {out.mask_ratio}"),
+        (not (out.randaugment and data_kind == "synthetic"),
+         "RandAugment needs uint8 images and --data synthetic gives random floats: add --no-randaugment"),
     ]
     mae = family_of(out) == "crate_mae"
     mixing = out.mixup > 0 or out.cutmix > 0
@@ -258,6 +275,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         crate_fast.get_config(out.arch, **model_overrides(out))
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
+    if out.warmup_epochs > out.epochs:
+        print(f"warning: --warmup-epochs {out.warmup_epochs:g} > --epochs {out.epochs}: the peak lr is never reached",
+              file=sys.stderr)
     if out.eval_only and not (out.resume or out.finetune):
         print("warning: --eval-only without --resume or --finetune evaluates a freshly initialized model",
               file=sys.stderr)
@@ -304,6 +324,9 @@ class Trainer:
         if len(self.data.train) == 0:
             raise SystemExit(f"error: the training set has fewer samples than one batch ({self.micro_batch} per rank)")
         self.mae = family_of(cfg) == "crate_mae"      # masked-autoencoder pretraining, no labels
+        # numpy and random drive timm's Mixup/CutMix draws: seeded, so one --seed gives one run
+        np.random.seed(cfg.seed + rank)  # noqa: NPY002  (timm draws from numpy's global generator)
+        random.seed(cfg.seed + rank)
         torch.manual_seed(cfg.seed)           # same initial weights on every rank
         self.model = crate_fast.create_model(cfg.arch, **model_overrides(cfg, self.data.num_classes)).to(device)
         self.mixup = None
@@ -365,7 +388,8 @@ class Trainer:
         try:
             return load()
         except (FileNotFoundError, ValueError, TypeError, RuntimeError, UnsafeCheckpointError) as e:
-            hint = " (or pass --trust-checkpoint)" if isinstance(e, UnsafeCheckpointError) else ""
+            hint = " (or pass --trust-checkpoint)" if isinstance(e, UnsafeCheckpointError) and \
+                "--trust-checkpoint" not in str(e) else ""
             raise SystemExit(f"error: {flag} {path}: {e}{hint}") from e
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -376,9 +400,20 @@ class Trainer:
                 "best_score": self.best_score, "nonfinite_steps": self.nonfinite_total, "rng": rng_state(),
                 "config": dataclasses.asdict(self.cfg), "world_size": self.world, "arch": self.cfg.arch}
 
+    # What a resumed run must share with the run that wrote the checkpoint: the model and the optimizer's
+    # state layout (lr, epochs and the like may change on purpose).
+    RESUME_FIELDS = ("arch", *(f for f in MODEL_FIELDS if f != "impl"), "opt", "wd_exclude")
+
     def load(self, path: str) -> None:
         trusted = self.cfg.trust_checkpoint
         ckpt = self._load_or_exit("--resume", path, lambda: load_run_checkpoint(path, trusted=trusted))
+        saved = ckpt.get("config", {})
+        differ = [f"--{k.replace('_', '-')} {saved[k]!r} there, {getattr(self.cfg, k)!r} now"
+                  for k in self.RESUME_FIELDS if k in saved and _same(saved[k]) != _same(getattr(self.cfg, k))]
+        if differ:
+            raise SystemExit(f"error: --resume {path}: this run's settings differ from the checkpoint's "
+                             f"({'; '.join(differ)}). Resume with the run's own flags (its config.json has them), "
+                             "or start a new --out with --finetune to begin from its weights.")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -558,8 +593,6 @@ class Trainer:
             return array
         parts = [None] * self.world
         dist.all_gather_object(parts, array)
-        import numpy as np
-
         return np.concatenate(parts, axis=0)
 
     def fit(self) -> dict:

@@ -51,7 +51,9 @@ from .models import CRATEMAE
 from .progress import Progress
 from .registry import FAMILIES, family_of
 
-PHOTOS = ["astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "hubble_deep_field"]
+# scikit-image's bundled photographs (no download); stereo_motorcycle is a (left, right, disparity) triple,
+# of which the left view is drawn (scikit-image 0.26 dropped the motorcycle_left alias).
+PHOTOS = ["astronaut", "chelsea", "coffee", "stereo_motorcycle", "rocket", "hubble_deep_field"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -124,7 +126,8 @@ def load_images(spec: list[str] | None, size: int) -> tuple[torch.Tensor, np.nda
     else:
         from skimage import data as skd
 
-        pics = [Image.fromarray(getattr(skd, name)()).convert("RGB") for name in PHOTOS]
+        photos = [getattr(skd, name)() for name in PHOTOS]
+        pics = [Image.fromarray(p[0] if isinstance(p, tuple) else p).convert("RGB") for p in photos]
     arr = np.stack([np.asarray(p.resize((size, size), Image.BICUBIC)) for p in pics])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)

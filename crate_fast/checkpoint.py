@@ -258,6 +258,7 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     patch_keys = set(getattr(model, "resized_patch_keys", ()))
     seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
     dropped = [k for k in sd if k not in ignore and layout.is_dropped(k)]
+    resized = []                   # what was interpolated to the model's sizes (reported: never silent)
     for k, v in sd.items():
         if k in ignore or layout.is_dropped(k):
             continue
@@ -269,9 +270,14 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             continue
         seen.add(name)
         if name in pos_keys and v.dim() == 3 and v.shape[1] != ours[name].shape[1]:
-            v = resample_pos_embed(v, _square_grid(v.shape[1] - 1, k), model.config.grid_size, pos_method)
+            old_grid = _square_grid(v.shape[1] - 1, k)
+            v = resample_pos_embed(v, old_grid, model.config.grid_size, pos_method)
+            resized.append(f"{k} from a {old_grid[0]}x{old_grid[1]} to a {'x'.join(map(str, model.config.grid_size))} "
+                           "patch grid")
         if name in patch_keys and v.dim() == 4 and v.shape[:2] == ours[name].shape[:2] \
                 and v.shape[2:] != ours[name].shape[2:]:
+            resized.append(f"{k} from {'x'.join(map(str, v.shape[2:]))} to "
+                           f"{'x'.join(map(str, ours[name].shape[2:]))} pixel patches")
             v = resize_patch_kernel(v, tuple(ours[name].shape[2:]))
         if v.shape != ours[name].shape:
             mismatched[name] = f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}"
@@ -292,8 +298,9 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
                              + (" ..." if len(items) > 20 else ""))
-        if head_mismatch and not kept_head:
-            lines.append("  (a different class count? pass reset_head=True to keep a new head)")
+        if (head_mismatch or headless) and not kept_head:
+            lines.append("  (a different class count, or a file without a classifier? pass reset_head=True to keep "
+                         "a new head)")
         if unexpected:
             lines.append("  (keys the model has no use for may be skipped with ignore=[...])")
         if layout.keys is not None:
@@ -310,6 +317,9 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     if ignore:
         print(f"[crate_fast] skipped {len(ignore)} key(s) named in ignore: {', '.join(sorted(ignore)[:20])}",
               file=sys.stderr)
+    if resized:
+        print(f"[crate_fast] resized {'; '.join(resized)} (the file was trained at another image or patch size; "
+              "build the model with the file's img_size / patch_size to use it unchanged)", file=sys.stderr)
     if dropped:
         print(f"[crate_fast] {layout.name}: skipped {len(dropped)} key(s) this {type(model).__name__} has no use "
               f"for: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", file=sys.stderr)

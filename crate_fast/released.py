@@ -97,12 +97,13 @@ def closest(sd: dict[str, torch.Tensor], model_class: type | None = None) -> tup
     """The known file (of model_class's family, if given) whose layout shares most (key, shape) pairs
     with sd, and what differs from it; (None, []) when there is none."""
     got = {k: tuple(v.shape) for k, v in sd.items()}
-    best, best_score, best_diff = None, -1, []
+    best, best_score, best_diff = None, (-1, -1), []
     for r in RELEASED.values():
         if model_class is not None and _layout(r.name)[0] is not model_class:
             continue
         want = expected_shapes(r)
-        score = sum(got.get(k) == s for k, s in want.items())
+        # key names first (they tell the family), then shapes (they tell the size)
+        score = (sum(k in got for k in want), sum(got.get(k) == s for k, s in want.items()))
         if score > best_score:
             missing = [k for k in want if k not in got]
             extra = [k for k in got if k not in want]
@@ -123,7 +124,9 @@ def identify(obj, *, trusted: bool = False) -> ReleasedFile:
         if got == expected_shapes(r):
             return r
     r, diff = closest(sd)
-    raise ValueError(f"not a known released file; closest: {r.name} ({r.file}), which differs: {'; '.join(diff)}")
+    raise ValueError(f"not a known released file; closest: {r.name} ({r.file}), which differs: {'; '.join(diff)}. "
+                     "For other weights (a train.py run, another size) build the model with crate_fast.create_model "
+                     "and load them with crate_fast.load_weights.")
 
 
 def load_released(obj, *, trusted: bool = False, impl: str = "auto") -> nn.Module:

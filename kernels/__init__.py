@@ -103,7 +103,7 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     an fp32 residual stream under bf16 autocast, as autocast runs the port's ``ff(x) + x``), or the
     compute dtype without residual, as the port's last matmul. Gradients return in the inputs' dtypes.
     impl="torch" and "triton" save half the activation bytes of the reference's autograd
-    (torch_ops.py). Raises ValueError for mismatched shapes, TypeError for non-float inputs."""
+    (torch_ops.py). Raises ValueError for mismatched shapes or devices, TypeError for non-float inputs."""
     check_impl(impl)
     d = x.shape[-1]
     if D.dim() != 2 or D.shape[0] != d or D1.shape != D.shape:
@@ -114,6 +114,8 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     tensors = (x, D, D1) if residual is None else (x, D, D1, residual)
     if not all(t.is_floating_point() for t in tensors):
         raise TypeError(f"x, D, D1 and residual must be floating point, got {[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"x, D, D1 and residual must be on one device, got {[str(t.device) for t in tensors]}")
     if impl == "reference":
         out = odl_step_ref(x, D, D1, step_size, lambd)
         return out if residual is None else residual + out

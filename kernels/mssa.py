@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._triton import (
     INTERPRET,
@@ -341,6 +342,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@once_differentiable       # first-order only, as the torch path (torch_ops.py)
 def _backward(ctx, do, _dlse):
     w, o, lse = ctx.saved_tensors
     backward = mssa_bwd if tracing(do) else _mssa_backward

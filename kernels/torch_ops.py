@@ -1,12 +1,17 @@
 """Fast PyTorch paths for MSSA, ISTA and ODL: exact CRATE math with fewer GEMMs (MSSA, ISTA) or half
 the saved activations (ODL), hand-written backward passes.
 
+The hand-written backward passes are first-order only (@once_differentiable): differentiating them again
+(double backward, Hessian-vector products, gradient penalties) raises an error instead of silently
+dropping the terms through tensors they save without a graph; impl="reference" gives higher orders.
+
 They run on any device and are the default off CUDA. Each has the same signature and semantics as
 its twin in reference.py and is tested against it in float64.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,6 +38,7 @@ class _TiedAttention(torch.autograd.Function):
         return o.view(B, H, N, D)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do: torch.Tensor):
         w3, p = ctx.saved_tensors
         with torch.autocast(do.device.type, enabled=False):
@@ -131,6 +137,7 @@ def ista_apply_setup_context(ctx, inputs, output):
     ctx.step_size, ctx.separate = step_size, xc is not None
 
 
+@once_differentiable
 def ista_apply_backward(ctx, dout: torch.Tensor):
     """Gradients w.r.t. (x, xc, a, step_size, lambd); xg is the GEMM operand (xc, or x)."""
     xg, a, out = ctx.saved_tensors
@@ -177,6 +184,7 @@ class _ISTADirect(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         xg, wc, r, out = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(dout, out, 0)             # relu's backward (NaN passes dout)
@@ -277,6 +285,7 @@ def odl_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(a2)
 
 
+@once_differentiable
 def odl_backward(ctx, dout: torch.Tensor, _da2: torch.Tensor | None = None):
     """Gradients w.r.t. (xc, dc, d1c, residual, step_size, lambd), in the compute dtype except the
     residual's (its own dtype); 10 GEMMs, 2 of them the recomputation of a1 and e."""

@@ -745,3 +745,13 @@ def test_attention_overlay_shares_the_pictures_pixel_grid():
     picture, heat = ax.get_images()
     assert tuple(picture.get_extent()) == tuple(heat.get_extent()) == (0, 48, 32, 0)
     plt.close(fig)
+
+
+def test_default_pictures_are_scikit_images_bundled_photographs():
+    """Without --images the CLI draws scikit-image's photographs (bundled, no download): every name must
+    exist in the installed scikit-image (0.26 dropped motorcycle_left: the CLI crashed there)."""
+    pytest.importorskip("skimage")
+    from crate_fast.analyze import PHOTOS, load_images
+
+    x, pics = load_images(None, 32)
+    assert x.shape == (len(PHOTOS), 3, 32, 32) and pics.shape == (len(PHOTOS), 32, 32, 3) and pics.dtype == np.uint8

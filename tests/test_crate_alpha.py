@@ -130,7 +130,7 @@ def test_strict_loading_lists_what_differs():
         load_official_state_dict(model, sd)
 
 
-def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions():
+def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions(capsys):
     """A /8 checkpoint seeds a /4 model: the stem kernel resized bilinearly (antialiased when shrinking,
     as jax.image.resize), the position grid resampled as scipy.ndimage.zoom(order=1), the head reset."""
     torch.manual_seed(0)
@@ -141,6 +141,8 @@ def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions():
     assert torch.equal(model.patch_embed.proj.weight, resize_patch_kernel(sd["conv1.weight"], (4, 4)))
     assert torch.equal(model.pos_embed, resample_pos_embed(sd["pos_embedding"], (4, 4), (8, 8), "zoom"))
     assert torch.equal(model.blocks[0].odl.D, sd["transformer.layers.0.1.fn.D"])
+    report = capsys.readouterr().err                      # never silently: the resizes are reported
+    assert "pos_embedding from a 4x4 to a 8x8 patch grid" in report and "conv1.weight from 8x8 to 4x4" in report
     # CRATE's patch embedding is a Linear: another patch size stays an error there
     crate_src = create_model("crate_tiny", num_classes=5, depth=1, dim=64, heads=2, img_size=32, patch_size=8)
     crate_dst = create_model("crate_tiny", num_classes=5, depth=1, dim=64, heads=2, img_size=32, patch_size=4)

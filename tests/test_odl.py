@@ -253,6 +253,8 @@ def test_odl_input_errors(monkeypatch):
         odl_step(x.long(), D, D, impl="torch")
     with pytest.raises(ValueError, match="impl must be"):
         odl_step(x, D, D, impl="cuda")
+    with pytest.raises(ValueError, match="one device"):           # a cpu @ meta matmul returns garbage
+        odl_step(x, D.to("meta"), D, impl="torch")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         odl_step(x.double().to(KERNEL_DEVICE), D.double().to(KERNEL_DEVICE), D.double().to(KERNEL_DEVICE),
                  impl="triton")

@@ -37,7 +37,7 @@ def rows(run_dir):
 
 @pytest.mark.parametrize("recipe", sorted(OFFICIAL_ALPHA))
 def test_crate_alpha_recipes_are_the_official_configs(recipe, capsys):
-    cfg = train.resolve(train.TrainConfig(arch="crate_alpha_base", recipe=recipe, data="synthetic"))
+    cfg = train.resolve(train.TrainConfig(arch="crate_alpha_base", recipe=recipe, data="digits"))
     resolved = {k: getattr(cfg, k) for k in OFFICIAL_ALPHA[recipe]}
     print(recipe, json.dumps(resolved))                       # the resolved config, next to the official one
     official = dict(OFFICIAL_ALPHA[recipe])
@@ -75,7 +75,10 @@ def test_flags_a_family_lacks_and_bad_values_are_clear_errors():
         (["--arch", "mae_crate_tiny", "--mixup", "0.8"], "CRATE-MAE pretraining has none"),
         (["--arch", "crate_tiny", "--probe"], "--probe"),
         (["--arch", "crate_alpha_tiny", "--recipe", "nope"], "unknown recipe"),
-        (["--arch", "mae_crate_tiny", "--mask-ratio", "1.0"], "mask_ratio"),
+        (["--arch", "mae_crate_tiny", "--mask-ratio", "1.0"], r"--mask-ratio must be in \(0, 1\)"),
+        (["--arch", "mae_crate_tiny", "--mask-ratio", "0"], r"--mask-ratio must be in \(0, 1\)"),
+        (["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in1k_ft"], "add --no-randaugment"),
+        (["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in21k", "--batch-size", "4"], "lower --min-lr"),
         (["--arch", "crate_alpha_tiny", "--drop-path", "1.5"], "drop_path"),
         (["--arch", "crate_alpha_tiny", "--blr", "-1"], "--blr"),
     ]:
@@ -101,6 +104,17 @@ def test_crate_alpha_trains_with_mixup_cutmix_and_drop_path(tmp_path):
     assert cfg["recipe"] == "crate_alpha_in21k" and cfg["mixup"] == 0.8 and cfg["grad_clip"] == 1.0
     model = crate_fast.create_model("crate_alpha_tiny", img_size=16, patch_size=4)
     crate_fast.load_weights(model, os.path.join(out, "model.safetensors"))
+    # one --seed, one run: timm's mixup draws come from numpy's generator, which train.py seeds
+    again = str(tmp_path / "again")
+    assert train.main(["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in21k", "--epochs", "1",
+                       "--warmup-epochs", "0", "--drop-path", "0.1", "--out", again] + TINY) == 0
+    assert rows(again)[0]["train_loss"] == row["train_loss"]
+    # resuming with another model or optimizer layout is a clear error, not a state_dict traceback
+    with pytest.raises(SystemExit, match=r"differ from the checkpoint's \(--img-size 16 there, 32 now"):
+        train.main(["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in21k", "--epochs", "2", "--out", out,
+                    "--resume", "auto"] + TINY + ["--img-size", "32"])
+    with pytest.raises(SystemExit, match="--opt 'adamw' there, 'lion' now"):
+        train.main(["--arch", "crate_alpha_tiny", "--epochs", "2", "--out", out, "--resume", "auto"] + TINY)
 
 
 def test_mae_pretraining_resumes_exactly_and_probes(tmp_path):

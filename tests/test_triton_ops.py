@@ -302,3 +302,24 @@ def test_torch_compile_traces_a_scale_that_changed_between_calls():
     w = torch.randn(1, 2, 5, 8)
     for s in (0.3, 0.5, 0.7):
         assert_rel(f(w, s), mssa_attention_ref(w.double(), s))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["mssa", "ista", "odl"])
+def test_double_backward_is_an_error_not_a_silent_wrong_result(op, impl):
+    """The hand-written backward passes are first-order: a second differentiation (Hessian-vector
+    products, gradient penalties) raises, where it used to drop terms silently; impl="reference" gives it."""
+    from crate_fast.kernels import odl_step
+
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    dev = "cpu" if impl == "torch" else DEV
+    x = torch.randn(5, 16, dtype=dtype, device=dev, requires_grad=True)
+    D = torch.randn(16, 64, dtype=dtype, device=dev) * 0.2
+    calls = {"mssa": lambda i: mssa_attention(x.view(1, 1, 5, 16), impl=i),
+             "ista": lambda i: ista_step(x, D[:, :16], impl=i), "odl": lambda i: odl_step(x, D, D, impl=i)}
+    g, = torch.autograd.grad(calls[op]("reference").pow(2).sum(), x, create_graph=True)
+    g.pow(2).sum().backward()                                    # the literal form: any order
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    g, = torch.autograd.grad(calls[op](impl).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()
