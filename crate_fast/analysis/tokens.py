@@ -1,10 +1,10 @@
 """How the white-box analysis reads a model of any family: the tokens entering its first (encoder) block,
 and what each block's sparse-coding step outputs.
 
-    CRATE, CRATE-alpha   model.embed(images, pos_interp): patches, CLS, the learned position table
-    CRATE-MAE            the encoder on the whole image, mask ratio 0: the tokens forward_features feeds its
-                         blocks (patches, CLS, + decoder_pos_embed, the fixed sin-cos table the official
-                         encoder adds, crate_ae.py forward_encoder); ``model.norm`` follows the last block
+    every family         model.embed(images, pos_interp): patches after CLS, plus the position table (the
+                         learned one of CRATE and CRATE-alpha; CRATE-MAE's decoder_pos_embed, the fixed
+                         sin-cos table its official encoder adds: the tokens forward_features feeds its
+                         blocks, mask ratio 0); CRATE-MAE's ``model.norm`` follows the last block
     sparse codes         CRATEBlock (CRATE, CRATE-MAE's encoder): the ISTA output, which is the next
                          layer's input; CRATEAlphaBlock: the ODL codes a2 of LN2(z_half), not the block's
                          output (z_half + a2 D1^T: a residual sum, dense)
@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..layers import CRATEAlphaBlock, CRATEBlock, resample_pos_embed
+from ..layers import CRATEAlphaBlock, CRATEBlock
 from ..models.base import TokenClassifier
 from ..models.crate_mae import CRATEMAE
 
@@ -56,14 +56,7 @@ def embed_tokens(model: nn.Module, images: torch.Tensor, pos_interp: str = "dino
     token). Raises ValueError for a bad pos_interp or image size, TypeError for another model."""
     check_model(model)
     check_pos_interp(pos_interp)
-    if isinstance(model, TokenClassifier):
-        return model.embed(images, pos_interp=pos_interp)
-    # CRATE-MAE has no embed method; these are forward_features' first three lines with the resize
-    # method as a parameter (tests/test_analysis.py checks them against forward_features bit for bit).
-    grid = model.patch_embed.grid(images)
-    x = model.patch_embed(images)
-    pos = resample_pos_embed(model.decoder_pos_embed, model.config.grid_size, grid, pos_interp)
-    return torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+    return model.embed(images, pos_interp=pos_interp)
 
 
 def sparse_step(block: nn.Module, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -412,11 +412,16 @@ class CRATEMAE(nn.Module):
         decoder_pos_embed is then bicubically interpolated as the official attention helpers do
         (crate_ae.py interpolate_pos_encoding, DINO's formula). Raises ValueError for a wrong channel count
         or a size the patch does not divide."""
+        return self.norm(self._blocks(self.blocks, self.embed(imgs)))
+
+    def embed(self, imgs: torch.Tensor, pos_interp: str = "dino") -> torch.Tensor:
+        """The tokens forward_features feeds the encoder: (B, in_chans, H, W) -> (B, 1 + L, dim), patches
+        after CLS, plus decoder_pos_embed (resized off the config's grid by `pos_interp`, "dino" as the
+        official helpers or "size": layers.resample_pos_embed)."""
         grid = self.patch_embed.grid(imgs)
         x = self.patch_embed(imgs)
-        pos = resample_pos_embed(self.decoder_pos_embed, self.config.grid_size, grid, "dino")
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
-        return self.norm(self._blocks(self.blocks, x))
+        pos = resample_pos_embed(self.decoder_pos_embed, self.config.grid_size, grid, pos_interp)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False, pool: str = "cls") -> torch.Tensor:
         """(B, 1 + L, dim) tokens of forward_features -> (B, dim) features: the CLS token ("cls") or the
