@@ -317,6 +317,10 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     if ignore:
         print(f"[crate_fast] skipped {len(ignore)} key(s) named in ignore: {', '.join(sorted(ignore)[:20])}",
               file=sys.stderr)
+    if kept_head and reset_head == "auto":
+        why = "has none" if headless else "has another class count"
+        print(f"[crate_fast] kept this model's fresh classifier ({', '.join(sorted(kept_head))}): the file {why}",
+              file=sys.stderr)
     if resized:
         print(f"[crate_fast] resized {'; '.join(resized)} (the file was trained at another image or patch size; "
               "build the model with the file's img_size / patch_size to use it unchanged)", file=sys.stderr)
