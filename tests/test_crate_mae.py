@@ -76,7 +76,9 @@ def test_parameter_counts(name):
     total, trainable, dead = COUNTS[name]
     assert sum(v.numel() for v in to_official_state_dict(model).values()) == total
     assert sum(p.numel() for p in model.parameters()) == total        # the tables are (frozen) parameters
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    # the official trainable count less the dead decoder_embed, which we freeze (DDP needs every
+    # trainable parameter to get a gradient)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable - dead
     assert sum(p.numel() for p in model.decoder_embed.parameters()) == dead
 
 
@@ -153,7 +155,7 @@ def test_gradients_float64(impl):
     theirs = dict(off.named_parameters())
     for name, p in model.named_parameters():
         ref = theirs[official_key(model, name)]
-        assert p.requires_grad == ref.requires_grad, name
+        assert p.requires_grad == ref.requires_grad or name.startswith("decoder_embed."), name     # frozen here
         if not p.requires_grad or name.startswith("decoder_embed."):
             assert p.grad is None and ref.grad is None, name
             continue

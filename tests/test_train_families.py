@@ -148,3 +148,21 @@ def test_every_flag_has_help_text():
     actions = [a for a in train.build_parser()._actions if a.dest != "help"]
     assert len(actions) == len(train.dataclasses.fields(train.TrainConfig))
     assert all(a.help.strip() for a in actions), [a.dest for a in actions if not a.help.strip()]
+
+
+def test_mae_pretraining_under_two_process_ddp(tmp_path):
+    """DDP (gloo, 2 ranks) pretrains CRATE-MAE and probes across ranks. DDP refuses parameters that get no
+    gradient: the official model's dead decoder_embed used to stop this run at its second step."""
+    import subprocess
+
+    pytest.importorskip("sklearn")
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--arch", "mae_crate_tiny", "--epochs", "1", "--out", out, "--probe"] + TINY
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    (row,) = rows(out)
+    assert row["step"] == 3 and row["val_samples"] > 0
+    assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
+    assert set(json.load(open(os.path.join(out, "probe.json")))) == {"pretrained", "init"}

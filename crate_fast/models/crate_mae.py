@@ -244,7 +244,9 @@ class CRATEMAE(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         # Dead: the official forward_decoder never calls it (no gradient ever reaches it); kept for the keys.
-        self.decoder_embed = nn.Linear(cfg.dim, cfg.dim)
+        # Frozen, unlike officially: DDP refuses parameters that get no gradient (FAIR's main_pretrain.py
+        # pays find_unused_parameters=True for this one layer); an optimizer never changes it either way.
+        self.decoder_embed = nn.Linear(cfg.dim, cfg.dim).requires_grad_(False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_tokens, cfg.dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
