@@ -143,12 +143,16 @@ def _parse_tuple(kind):
 
 
 def _field_help() -> dict[str, str]:
-    """Each TrainConfig field's trailing comment (its one-line documentation), for --help."""
-    import inspect
+    """Each TrainConfig field's trailing comment (its one-line documentation), for --help. Read from this
+    file's text, not inspect.getsource: its ast.parse fails at random on CPython 3.11.7 ("AST constructor
+    recursion depth mismatch", a CPython bug), which broke a test run."""
     import re
 
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$",
-                                                               inspect.getsource(TrainConfig), re.M)}
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    body = source[source.index("class TrainConfig:"):]
+    body = body[:body.index("\n\n\n")]
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$", body, re.M)}
 
 
 def build_parser() -> argparse.ArgumentParser:
