@@ -101,6 +101,18 @@ def arch_of(t: torch.Tensor) -> int:
 #  - fp32 -> bf16 casts truncate instead of rounding to nearest even, doubling the rounding error
 #    and biasing it: round first with integer arithmetic, so the cast itself is exact.
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n), the output tile of this GEMM program in grouped order: GROUP_M row blocks in a row
+    share each B column panel while it is in L2 (the ISTA and ODL kernels)."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
 def dot(a, b, acc, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """tl.dot(a, b, acc) with fp32 accumulation."""
     if INTERP_BF16:

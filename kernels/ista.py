@@ -27,6 +27,7 @@ from ._triton import (
     dot,
     dot_precision,
     dtype_name,
+    grouped_tile,
     interp_bf16,
     launch,
     register_op,
@@ -70,14 +71,7 @@ def _ista_fwd_kernel(
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     eta, eta_lambd = tl.cast(eta, tl.float32), tl.cast(eta_lambd, tl.float32)   # fp64 under torch.compile
-    # Grouped program order: GROUP_M row blocks share each B column panel while it is in L2.
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)   # grouped order, shared B panels in L2
 
     # 64-bit row offset once per program (M * C can pass 2^31); 32-bit offsets inside the tile keep
     # the pointer tensors small (full 64-bit 2D offsets cost ~2 registers per element and spilled).

@@ -7,14 +7,13 @@ exactly the math of the official ``model/crate.py`` (Ma-Lab-Berkeley/CRATE); doc
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..checkpoint import KeyMap
-from ..config import Size, check_dropout, check_positive, to_2tuple
+from ..config import PatchGridConfig, Size, check_dropout, check_positive, to_2tuple
 from ..kernels import check_impl
 from ..layers import CRATEBlock, PatchEmbed
 from .base import TokenClassifier
@@ -31,7 +30,7 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass(frozen=True)
-class CRATEConfig:
+class CRATEConfig(PatchGridConfig):
     """Everything that defines a CRATE classifier (official ``model/crate.py`` argument names in brackets).
 
     dim_head defaults to dim // heads, as in every official preset (CRATE-S: 576 / 12 = 48).
@@ -79,23 +78,6 @@ class CRATEConfig:
         if self.step_size <= 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_chans * self.patch_size[0] * self.patch_size[1]
-
-    def replace(self, **changes: Any) -> CRATEConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CRATE(TokenClassifier):

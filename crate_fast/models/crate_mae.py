@@ -14,7 +14,7 @@ model.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import KeyMap
-from ..config import Size, check_positive, to_2tuple
+from ..config import PatchGridConfig, Size, check_positive, to_2tuple
 from ..kernels import check_impl
 from ..layers import MSSA, ConvPatchEmbed, CRATEBlock, patch_grid, resample_pos_embed, set_impl
 from .base import TokenClassifier
@@ -49,7 +49,7 @@ def _check_mask_ratio(mask_ratio: Any) -> None:
 
 
 @dataclass(frozen=True)
-class CRATEMAEConfig:
+class CRATEMAEConfig(PatchGridConfig):
     """Everything that defines a CRATE-MAE (official ``MaskedAutoencoderViT`` argument names in brackets).
 
     dim [embed_dim = decoder_embed_dim], depth [depth], heads [num_heads = decoder_num_heads];
@@ -103,23 +103,6 @@ class CRATEMAEConfig:
             raise ValueError(f"norm_pix_loss must be a bool, got {self.norm_pix_loss!r}")
         check_impl(self.impl)
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_chans * self.patch_size[0] * self.patch_size[1]
-
-    def replace(self, **changes: Any) -> CRATEMAEConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
