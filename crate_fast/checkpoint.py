@@ -257,10 +257,10 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
     pos_method = getattr(model, "pos_resample", "size")
     patch_keys = set(getattr(model, "resized_patch_keys", ()))
     seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
-    dropped = [k for k in sd if k not in ignore and layout.is_dropped(k)]
+    dropped = dict.fromkeys(k for k in sd if k not in ignore and layout.is_dropped(k))   # ordered set
     resized = []                   # what was interpolated to the model's sizes (reported: never silent)
     for k, v in sd.items():
-        if k in ignore or layout.is_dropped(k):
+        if k in ignore or k in dropped:
             continue
         name = layout.ours(k)
         if name is None or name not in ours:
@@ -326,7 +326,7 @@ def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, res
               "build the model with the file's img_size / patch_size to use it unchanged)", file=sys.stderr)
     if dropped:
         print(f"[crate_fast] {layout.name}: skipped {len(dropped)} key(s) this {type(model).__name__} has no use "
-              f"for: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", file=sys.stderr)
+              f"for: {', '.join(list(dropped)[:5])}{' ...' if len(dropped) > 5 else ''}", file=sys.stderr)
     return model
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crate_fast.kernels import check_impl, ista_step, mssa_attention, odl_step
-from crate_fast.kernels.reference import mssa_attention_ref
+from crate_fast.kernels.reference import mssa_attention_ref, odl_codes_ref
 
 
 def set_impl(module: nn.Module, impl: str) -> None:
@@ -171,9 +171,7 @@ class ODL(nn.Module):
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse codes a2 (..., ratio * dim) of x, in fp32 (for the white-box analysis)."""
-        x, D = x.float(), self.D.float()
-        a1 = torch.relu(self.step_size * (x @ D) - self.step_size * self.lambd)
-        return torch.relu(a1 - self.step_size * ((a1 @ D.t() - x) @ D) - self.step_size * self.lambd)
+        return odl_codes_ref(x.float(), self.D.float(), self.step_size, self.lambd)
 
     def extra_repr(self) -> str:
         d, m = self.D.shape

@@ -44,15 +44,6 @@ def _check_pool(pool: str) -> None:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
-def _features(model: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, C, H, W) images -> (B, dim) features (module docstring)."""
-    if isinstance(model, CRATEMAE):
-        return model.pooled(images, pool)
-    tokens = model.forward_features(images)
-    # TokenClassifier.forward_head's pooling, with the pool asked for instead of the model's own
-    return model.head_norm(tokens[:, 0] if pool == "cls" else tokens.mean(dim=1))
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable, pool: str = "cls", device: str | torch.device | None = None,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +67,7 @@ def extract_features(model: nn.Module, loader: Iterable, pool: str = "cls", devi
     steps = Progress(len(loader) if isinstance(loader, Sized) else 0, "features", enabled=progress)
     try:
         for images, labels in loader:
-            feats = _features(model, images.to(device, param.dtype, non_blocking=True), pool)
+            feats = model.pooled(images.to(device, param.dtype, non_blocking=True), pool)   # module docstring
             xs.append(feats.float().cpu().numpy())
             ys.append(torch.as_tensor(labels).reshape(-1).cpu().numpy().astype(np.int64))
             steps.update(1)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._utils import IMPLS, auto_impl, autocast_cast, autocast_dtype, check_impl, triton_refusal
+from ._utils import IMPLS, autocast_cast, autocast_dtype, check_impl, resolve_impl
 from .reference import ista_step_ref, mssa_attention_ref, odl_step_ref
 from .torch_ops import ista_step_torch, mssa_attention_torch, odl_step_torch
 
@@ -44,14 +44,11 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
     # The kernels rely on scale > 0 (the diagonal score then bounds every exponent); CRATE's is D^-1/2.
     # (comparisons, not math.isfinite: under torch.compile a scale that varied between calls is symbolic)
     kernel_scale = 0 < scale < math.inf
-    if impl == "triton":
-        why = triton_refusal("mssa_attention", w.device.type, (w.dtype,), D)
-        if why:
-            raise why
-        if not kernel_scale:
-            raise ValueError(f"mssa_attention(impl='triton') needs a finite scale > 0, got {scale}")
-    elif impl == "auto":
-        impl = auto_impl("mssa_attention", w.device.type, (w.dtype,), D) if kernel_scale else "torch"
+    if impl == "auto" and not kernel_scale:
+        impl = "torch"
+    impl = resolve_impl("mssa_attention", impl, w.device.type, (w.dtype,), D)
+    if impl == "triton" and not kernel_scale:
+        raise ValueError(f"mssa_attention(impl='triton') needs a finite scale > 0, got {scale}")
     if impl == "torch" or w.numel() == 0:          # an empty input launches no kernel
         return mssa_attention_torch(w, scale)
     from .mssa import mssa_attention_triton
@@ -78,13 +75,7 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
     compute_dtype = autocast_dtype(x) or x.dtype
     # The kernel reads x_c in the compute dtype and the residual x, and writes in x's dtype; the weight
     # only enters through torch ops (the C x C operator), in any dtype.
-    dtypes = (compute_dtype, x.dtype)
-    if impl == "triton":
-        why = triton_refusal("ista_step", x.device.type, dtypes)
-        if why:
-            raise why
-    elif impl == "auto":
-        impl = auto_impl("ista_step", x.device.type, dtypes)
+    impl = resolve_impl("ista_step", impl, x.device.type, (compute_dtype, x.dtype))
     if impl == "torch" or x.numel() == 0:          # an empty input launches no kernel
         return ista_step_torch(x, weight, float(step_size), float(lambd), compute_dtype)
     from .ista import ista_step_triton
@@ -123,12 +114,7 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     # The kernels read x_c, D_c, D1_c and write the codes in the compute dtype; the last one reads the
     # residual and writes the output in their promoted dtype.
     dtypes = (compute_dtype,) if residual is None else (compute_dtype, residual.dtype)
-    if impl == "triton":
-        why = triton_refusal("odl_step", x.device.type, dtypes)
-        if why:
-            raise why
-    elif impl == "auto":
-        impl = auto_impl("odl_step", x.device.type, dtypes)
+    impl = resolve_impl("odl_step", impl, x.device.type, dtypes)
     if impl == "torch" or x.numel() == 0:          # an empty input launches no kernel
         return odl_step_torch(x, D, D1, float(step_size), float(lambd), residual, compute_dtype)
     from .odl import odl_step_triton

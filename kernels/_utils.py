@@ -74,6 +74,18 @@ def auto_impl(op: str, device_type: str, dtypes: tuple, head_dim: int | None = N
     return _choose_once(op, device_type, dtypes, head_dim)
 
 
+def resolve_impl(op: str, impl: str, device_type: str, dtypes: tuple, head_dim: int | None = None) -> str:
+    """What a fast impl ("torch", "triton" or "auto") of `op` runs on this input: "torch" or "triton".
+    Explicit "triton" raises what triton_refusal gives; "auto" is auto_impl's choice."""
+    if impl == "triton":
+        why = triton_refusal(op, device_type, dtypes, head_dim)
+        if why:
+            raise why
+    elif impl == "auto":
+        return auto_impl(op, device_type, dtypes, head_dim)
+    return impl
+
+
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype active for this tensor's device, or None."""
     dev = t.device.type

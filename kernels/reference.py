@@ -44,7 +44,12 @@ def odl_step_ref(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: 
         a2 = relu(a1 - eta (a1 D^T - x) D - eta lambda)
         out = a2 D1^T
     """
+    return torch.matmul(odl_codes_ref(x, D, step_size, lambd), D1.t())
+
+
+def odl_codes_ref(x: torch.Tensor, D: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1) -> torch.Tensor:
+    """The sparse codes a2 of odl_step_ref: x (..., d), D (d, m) -> (..., m), the port's operations in its
+    order (a1 = relu(eta x D - eta lambda); a2 = relu(a1 - eta (a1 D^T - x) D - eta lambda))."""
     a1 = F.relu(step_size * torch.matmul(x, D) - step_size * lambd)
     lasso_grad = torch.matmul(torch.matmul(a1, D.t()) - x, D)
-    a2 = F.relu(a1 - step_size * lasso_grad - step_size * lambd)
-    return torch.matmul(a2, D1.t())
+    return F.relu(a1 - step_size * lasso_grad - step_size * lambd)

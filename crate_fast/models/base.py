@@ -70,12 +70,20 @@ class TokenClassifier(nn.Module):
             x = self._block(blk, x)
         return x
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False, pool: str | None = None) -> torch.Tensor:
         """(B, 1 + patches, dim) tokens -> (B, num_classes) logits; pre_logits=True: the normalized pooled
-        (B, dim) features the classifier reads (timm's contract)."""
-        x = tokens.mean(dim=1) if self.config.pool == "mean" else tokens[:, 0]  # mean includes CLS
-        x = self.head_norm(x)
+        (B, dim) features the classifier reads (timm's contract). pool: "cls" or "mean" (every token, CLS
+        included, as the official CRATE) instead of the config's. Raises ValueError for another pool."""
+        pool = self.config.pool if pool is None else pool
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        x = self.head_norm(tokens.mean(dim=1) if pool == "mean" else tokens[:, 0])
         return x if pre_logits else self.head(x)
+
+    def pooled(self, img: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """(B, in_chans, H, W) images -> (B, dim) pre-logit features (linear probes), pooled by `pool`
+        (default: the config's)."""
+        return self.forward_head(self.forward_features(img), pre_logits=True, pool=pool)
 
     def forward_intermediates(self, img: torch.Tensor, indices: int | list[int] | None = None, *,
                               norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,

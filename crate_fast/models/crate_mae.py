@@ -480,6 +480,3 @@ class CRATEMAEClassifier(TokenClassifier):
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         nn.init.normal_(self.cls_token, std=0.02)
         self._init_contract()
-
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
