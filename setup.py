@@ -13,11 +13,14 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["crate_fast", "crate_fast.analysis", "crate_fast.models", "crate_fast.kernels", "crate_fast.data"],
+    packages=["crate_fast", "crate_fast.analysis", "crate_fast.models", "crate_fast.probe", "crate_fast.training",
+              "crate_fast.kernels", "crate_fast.data"],
     package_dir={
         "crate_fast": "crate_fast",
         "crate_fast.analysis": "crate_fast/analysis",
         "crate_fast.models": "crate_fast/models",
+        "crate_fast.probe": "crate_fast/probe",
+        "crate_fast.training": "crate_fast/training",
         "crate_fast.kernels": "kernels",
         "crate_fast.data": "data",
     },
@@ -33,7 +36,9 @@ setup(
         "data": ["ffcv==1.0.2", "numba", "opencv-python-headless", "scikit-learn", "scikit-image", "torchvision"],
         "bench": ["pytest", "pytest-benchmark", "timm"],
         "analysis": ["matplotlib", "scikit-image", "scikit-learn"],      # pictures; linear probes
+        "tensorboard": ["tensorboard"],                                  # train.py --log tensorboard
+        "wandb": ["wandb"],                                              # train.py --log wandb
         "dev": ["pytest", "pytest-benchmark", "ruff", "lion-pytorch", "timm", "matplotlib",
-                "scikit-learn", "scikit-image", "torchvision"],
+                "scikit-learn", "scikit-image", "torchvision", "tensorboard", "wandb"],
     },
 )

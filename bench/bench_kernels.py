@@ -28,9 +28,9 @@ def _tuned(provider: str, op: str) -> dict:
     """The block sizes the autotuner picked for the last shape (triton provider only)."""
     if provider != "triton":
         return {}
-    from crate_fast.kernels import ista, mssa, odl
-    kernels = {"mssa": [mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel], "ista": [ista._ista_fwd_kernel],
-               "odl": [odl._odl_gemm_kernel]}[op]
+    from crate_fast.kernels import gemm, mssa
+    kernels = {"mssa": [mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel], "ista": [gemm._gemm_epilogue_kernel],
+               "odl": [gemm._gemm_epilogue_kernel]}[op]
     return {f"config_{k.fn.__name__}": str(getattr(k, "best_config", None)) for k in kernels}
 
 # ---------------------------------------------------------------------------------------------------

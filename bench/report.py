@@ -1,7 +1,7 @@
 """Turn bench/results/*.json into the README's tables.
 
     python bench/report.py                 # print the tables
-    python bench/report.py --readme README.md   # replace the block between the bench markers
+    python bench/report.py --readme docs/RESULTS.md   # replace the block between the bench markers
 
 GPU files give absolute numbers (img/s, ms, TFLOP/s, MFU, memory); CPU files give ratios only.
 Every table names its device and the torch and Triton versions it was measured with.

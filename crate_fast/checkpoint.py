@@ -1,188 +1,51 @@
-"""The one place weights enter or leave a model: safe file reading, official key layouts, strict loading.
+"""Weights into and out of a model: key layouts, strict loading, official export, the known released
+files, and building the model a file needs.
 
-- :func:`read_checkpoint`: a ``.pt`` / ``.pth`` file through ``torch.load(weights_only=True)`` (tensors and
-  plain containers only: nothing in the file runs) or a ``.safetensors`` file. A pickle that needs more
-  is refused with an error naming the file and the opt-in for a file the user trusts.
-- :func:`load_weights`: any weights for a crate_fast model (our own run checkpoints and state_dicts, or
-  the official layout of the model's family), unwrapping the usual containers and prefixes.
+- :func:`load_weights`: any weights for a crate_fast model (our own run checkpoints, state_dicts and
+  model.safetensors, or the official layout of the model's family), unwrapping the usual containers and
+  prefixes (crate_fast.io reads the file once).
 - :func:`load_official_state_dict` / :func:`to_official_state_dict`: the official layout, both ways.
-- :func:`save_weights`: our state_dict as ``.safetensors``.
+- :func:`save_weights`: our state_dict as ``.safetensors``, recording the model's config.
+- :func:`identify` / :func:`load_released`: the known published files (crate_fast.RELEASED).
+- :func:`load_model`: the model a file needs, built and loaded (the analysis and probe CLIs use it).
 
 Loading is strict: a missing key, an unexpected key or a shape mismatch raises one error listing them
 all, and nothing is loaded. (The official finetune.py loads with strict=False under a 'module.' prefix
-mismatch and silently keeps random weights; this never does.)
+mismatch and silently keeps random weights; this never does.) What a load changes on the way (a resized
+position table or stem kernel, a fresh classifier, skipped keys) is reported through the
+``crate_fast.checkpoint`` logger at WARNING level: never silently.
 """
 from __future__ import annotations
 
-import argparse
+import functools
+import json
+import logging
 import math
 import os
-import pickle
-import re
-import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .io import CONFIG_METADATA_KEY, FAMILY_METADATA_KEY, Weights, read_weights, save_safetensors
 from .layers import resample_pos_embed, resize_patch_kernel
+from .models.keys import KeyMap, key_map
+from .registry import FAMILIES, create_model, family_of, family_of_config, get_config, list_models
+from .released import RELEASED, ReleasedFile
 
-_WRAPPERS = ("state_dict", "model")            # main.py / train.py and FAIR MAE / the demo notebooks
-_STRIP_PREFIXES = ("module.", "_orig_mod.")    # DataParallel/DDP, torch.compile
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded without running code from the file."""
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading files
+# Layouts: how the keys of a file name the model's parameters
 # ---------------------------------------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
-    """The object stored in a checkpoint file, loaded onto the CPU.
-
-    ``.safetensors``: a dict of tensors (the safetensors library). Anything else: ``torch.load`` with
-    ``weights_only=True``, which restores tensors and plain Python containers and refuses any other
-    object, so a file someone hands you cannot run code. ``trusted=True`` lifts that restriction for a
-    file you made or trust (``torch.load(weights_only=False)``: the pickle may execute arbitrary code).
-
-    Raises FileNotFoundError, UnsafeCheckpointError (the file needs ``trusted=True``) or ValueError (not
-    a checkpoint at all).
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint {path!r} is a directory; pass a file in it (a run's best.pt, "
-                                "last.pt or model.safetensors)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"{path!r} is not a readable .safetensors file ({e})") from e
-    try:
-        # FAIR-style checkpoints (MAE, DeiT) keep their training arguments as an argparse.Namespace: a
-        # plain attribute bag, allowed explicitly.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses a pickle that names a global (a class or function) outside its
-        # allow-list: that is what running code from a file takes. Any other failure is a broken file.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line), None)
-        if trusted or detail is None:
-            why = next((line for line in lines if "Unsupported" in line or "load key" in line), lines[0])
-            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({why})") from e
-        raise UnsafeCheckpointError(
-            f"{path!r} holds objects other than tensors and plain containers ({detail}); loading it would run "
-            "code from the file, so it was refused. If you made this file or trust its source, load it with "
-            "trusted=True (train.py and the analysis CLI: --trust-checkpoint).") from e
-    except Exception as e:  # zip / legacy-pickle readers raise a zoo of errors on foreign or cut files
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-
-
-def unwrap_state_dict(obj: Any, *, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from a path, a state_dict, or a checkpoint dict holding 'state_dict' or
-    'model'; the 'module.' prefix of DataParallel/DDP and torch.compile's '_orig_mod.' are stripped.
-
-    Raises TypeError when obj is none of these (an entry that is not a tensor, say)."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj, trusted=trusted)
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a state_dict or checkpoint dict, got {type(obj).__name__}")
-    for wrapper in _WRAPPERS:
-        if wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-            break
-    out = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor; "
-                            "pass the model's state_dict (or a dict holding it under 'state_dict'/'model')")
-        for p in _STRIP_PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Official key layouts
-# ---------------------------------------------------------------------------------------------------
-class KeyMap:
-    """crate_fast parameter names <-> a family's official names.
-
-    top: renames of whole keys or of key prefixes (ending in '.'); blocks: for each of our block lists
-    (e.g. 'blocks.'), the official list prefix and the renames inside one block. Each model family
-    declares its map as the class attribute ``official_keys``.
-    """
-
-    def __init__(self, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]):
-        self.top, self.blocks = top, blocks
-        # the same renames read backwards, built once (from_official runs for every key of a file)
-        self._top_inv = {v: k for k, v in top.items()}
-        self._blocks_inv = {dst: (src, {v: k for k, v in inner.items()}) for src, (dst, inner) in blocks.items()}
-
-    @staticmethod
-    def _rename(key: str, top: dict[str, str], blocks: dict[str, tuple[str, dict[str, str]]]) -> str | None:
-        for src_list, (dst_list, inner) in blocks.items():
-            m = re.match(re.escape(src_list) + r"(\d+)\.(.*)$", key)
-            if m:
-                idx, rest = m.groups()
-                for src, dst in inner.items():
-                    if rest.startswith(src):
-                        return f"{dst_list}{idx}.{dst}{rest[len(src):]}"
-                return None
-        for src, dst in top.items():
-            if key == src or (src.endswith(".") and key.startswith(src)):
-                return dst + key[len(src):]
-        return None
-
-    def to_official(self, key: str) -> str | None:
-        """Our name -> the official one (None if it has no official counterpart)."""
-        return self._rename(key, self.top, self.blocks)
-
-    def from_official(self, key: str) -> str | None:
-        """Official name -> ours (None if unknown)."""
-        return self._rename(key, self._top_inv, self._blocks_inv)
-
-
-def _key_map(model: nn.Module) -> KeyMap:
-    keys = getattr(model, "official_keys", None)
-    if keys is None:
-        raise TypeError(f"{type(model).__name__} has no official key layout (official_keys)")
-    return keys
-
-
-def official_key(model: nn.Module, key: str) -> str | None:
-    """The official name of one of the model's parameters (None if it has none)."""
-    return _key_map(model).to_official(key)
-
-
-def crate_fast_key(model: nn.Module, key: str) -> str | None:
-    """The model's name for an official parameter name (None if unknown)."""
-    return _key_map(model).from_official(key)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------
-def _square_grid(n: int, key: str) -> tuple[int, int]:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{key} has {n} patch positions, not a square grid; cannot interpolate")
-    return side, side
-
-
 class _Layout:
-    """How the keys of a file name the model's parameters: ours as they are, a family's official names
-    (renamed through its KeyMap), or those of the model a classifier is fine-tuned from (a CRATE-MAE
-    encoder: `renames` of name prefixes after the KeyMap, keys starting with `dropped` skipped)."""
+    """Ours as they are, a family's official names (renamed through its KeyMap), or those of the model a
+    classifier is fine-tuned from (a CRATE-MAE encoder: `renames` of name prefixes after the KeyMap, keys
+    starting with `dropped` skipped)."""
 
     def __init__(self, name: str, keys: KeyMap | None = None, renames: Mapping[str, str] | None = None,
                  dropped: tuple[str, ...] = ()):
@@ -237,160 +100,206 @@ def _layout_of(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> _Layout:
     return max(_layouts(model), key=lambda lay: sum(lay.is_dropped(k) or lay.ours(k) in ours for k in sd))
 
 
-def _load(model: nn.Module, sd: dict[str, torch.Tensor], layout: _Layout, *, reset_head: bool | str,
-          ignore: Iterable[str]) -> nn.Module:
-    """Strictly load sd, named in `layout`, into model; see load_official_state_dict for the options."""
+# ---------------------------------------------------------------------------------------------------
+# Strict loading
+# ---------------------------------------------------------------------------------------------------
+def _recorded_grid(w: Weights) -> tuple[int, int] | None:
+    """The patch grid the file's model was built for, when the file records it (crate-fast's own files:
+    the model config of save_weights / a run checkpoint, or a run's img_size and patch_size flags)."""
+    for cfg in (w.model_config, w.run_config):
+        if cfg and cfg.get("img_size") and cfg.get("patch_size"):
+            size, patch = cfg["img_size"], cfg["patch_size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+            return size[0] // patch[0], size[1] // patch[1]
+    return None
+
+
+def _source_grid(w: Weights, key: str, rows: int, pos_grid: tuple[int, int] | None) -> tuple[tuple[int, int], str]:
+    """(the grid a file's position table with `rows` patch rows was trained on, how that is known).
+    Raises ValueError when the file does not record it and the count is not a square."""
+    grid, how = pos_grid, "as given (pos_grid)"
+    if grid is None:
+        grid, how = _recorded_grid(w), "recorded in the file"
+    if grid is None:
+        side = math.isqrt(rows)
+        if side * side != rows:
+            raise ValueError(f"{key} has {rows} patch positions, not a square grid, and the file does not record its "
+                             "grid: pass pos_grid=(rows, columns) of the grid it was trained on")
+        grid, how = (side, side), "taken as square: the file does not record it; pass pos_grid if it differs"
+    if grid[0] * grid[1] != rows:
+        raise ValueError(f"{key} has {rows} patch positions, which a {grid[0]}x{grid[1]} grid ({how}) does not hold")
+    return tuple(grid), how
+
+
+@dataclass
+class _Mapped:
+    """What the file's keys became on the model's side (the state of one load, before the head policy)."""
+
+    tensors: dict = field(default_factory=dict)       # our name -> tensor, resized where needed
+    seen: set = field(default_factory=set)            # our names the file has (mismatched ones included)
+    unexpected: list = field(default_factory=list)    # file keys with no place in the model
+    mismatched: dict = field(default_factory=dict)    # our name -> message
+    dropped: list = field(default_factory=list)       # file keys the layout skips (a decoder)
+    resized: list = field(default_factory=list)       # what was interpolated (reported: never silent)
+
+
+def _map_keys(model: nn.Module, w: Weights, layout: _Layout, ignore: set, reset_head: bool | str,
+              pos_grid: tuple[int, int] | None) -> _Mapped:
+    """Rename every file key into the model's names and resize position tables (from the grid the file
+    was trained on: _source_grid) and stem kernels (families listing resized_patch_keys) to the model's."""
+    ours, out = model.state_dict(), _Mapped()
+    head = tuple(getattr(model, "head_keys", ("head.",)))
+    pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
+    patch_keys = set(getattr(model, "resized_patch_keys", ()))
+    for k, v in w.state_dict.items():
+        if k in ignore:
+            continue
+        if layout.is_dropped(k):
+            out.dropped.append(k)
+            continue
+        name = layout.ours(k)
+        if name is None or name not in ours:
+            if not (reset_head and name is not None and name.startswith(head)):   # a head the model lacks
+                out.unexpected.append(k)
+            continue
+        out.seen.add(name)
+        if name in pos_keys and v.dim() == 3 and v.shape[2:] == ours[name].shape[2:]:
+            old, how = _source_grid(w, k, v.shape[1] - 1, pos_grid)
+            new = model.config.grid_size
+            if old != new:
+                v = resample_pos_embed(v, old, new, getattr(model, "pos_resample", "size"))
+                out.resized.append(f"{k} from a {old[0]}x{old[1]} to a {new[0]}x{new[1]} patch grid "
+                                   f"(the file's grid {how})")
+        if name in patch_keys and v.dim() == 4 and v.shape[:2] == ours[name].shape[:2] \
+                and v.shape[2:] != ours[name].shape[2:]:
+            out.resized.append(f"{k} from {'x'.join(map(str, v.shape[2:]))} to "
+                               f"{'x'.join(map(str, ours[name].shape[2:]))} pixel patches")
+            v = resize_patch_kernel(v, tuple(ours[name].shape[2:]))
+        if v.shape != ours[name].shape:
+            out.mismatched[name] = f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}"
+            continue
+        out.tensors[name] = v
+    return out
+
+
+def _kept_head(model: nn.Module, m: _Mapped, reset_head: bool | str) -> tuple[set, str | None]:
+    """(the model's own classifier entries to keep fresh, why when "auto" chose it). "auto" keeps them when
+    the file's head has another shape or the file has none (an encoder pretrained without a classifier)."""
+    head = tuple(getattr(model, "head_keys", ("head.",)))
+    if head == ():
+        return set(), None
+    mismatch = any(n.startswith(head) for n in m.mismatched)
+    headless = not any(n.startswith(head) for n in m.seen)
+    if reset_head is True or (reset_head == "auto" and (mismatch or headless)):
+        why = None if reset_head is True else ("has none" if headless else "has another class count")
+        return {n for n in model.state_dict() if n.startswith(head)}, why
+    return set(), None
+
+
+def _mismatch_error(model: nn.Module, w: Weights, layout: _Layout, m: _Mapped, missing: list,
+                    bad_shapes: list) -> RuntimeError:
+    """The one error of a failed load: every missing, unexpected and mismatched key, and hints."""
+    lines = [f"{layout.name} does not match this {type(model).__name__} (nothing was loaded):"]
+    for title, items in (("missing keys", missing), ("unexpected keys", m.unexpected),
+                         ("shape mismatches", bad_shapes)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    head = tuple(getattr(model, "head_keys", ("head.",)))
+    if head and any(n.startswith(head) for n in (*m.mismatched, *(layout.ours(k) or "" for k in missing))):
+        lines.append("  (a different class count, or a file without a classifier? pass reset_head=True to keep "
+                     "a new head)")
+    if m.unexpected:
+        lines.append("  (keys the model has no use for may be skipped with ignore=[...])")
+    if layout.keys is not None:
+        r, diff = closest(w.state_dict, type(model))
+        if r is not None:
+            lines.append(f"  closest known released file: {r.name} ({r.file}), which differs: "
+                         f"{'; '.join(diff) or 'nothing (crate_fast.load_released builds its model)'}")
+    return RuntimeError("\n".join(lines))
+
+
+def _load(model: nn.Module, w: Weights, layout: _Layout, *, reset_head: bool | str, ignore: Iterable[str],
+          pos_grid: tuple[int, int] | None = None) -> nn.Module:
+    """Strictly load the weights, named in `layout`, into model; see load_official_state_dict."""
     if reset_head not in (False, True, "auto"):
         raise ValueError(f"reset_head must be False, True or 'auto', got {reset_head!r}")
     if isinstance(ignore, str):
         raise TypeError(f"ignore must be a list of key names, got the string {ignore!r}")
-    if not sd:
+    if not w.state_dict:
         raise ValueError("the checkpoint holds no tensors")
     ignore = set(ignore)
-    absent = sorted(ignore - set(sd))
+    absent = sorted(ignore - set(w.state_dict))
     if absent:
         raise ValueError(f"ignore names keys the file does not have: {', '.join(absent[:20])} (names as in the "
                          "file, after a 'module.' / '_orig_mod.' prefix is removed)")
+    m = _map_keys(model, w, layout, ignore, reset_head, pos_grid)
+    kept, why = _kept_head(model, m, reset_head)
     ours = model.state_dict()
-    head = tuple(getattr(model, "head_keys", ("head.",)))
-    pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
-    pos_method = getattr(model, "pos_resample", "size")
-    patch_keys = set(getattr(model, "resized_patch_keys", ()))
-    seen, mapped, unexpected, mismatched = set(), {}, [], {}       # mismatched: our name -> message
-    dropped = dict.fromkeys(k for k in sd if k not in ignore and layout.is_dropped(k))   # ordered set
-    resized = []                   # what was interpolated to the model's sizes (reported: never silent)
-    for k, v in sd.items():
-        if k in ignore or k in dropped:
-            continue
-        name = layout.ours(k)
-        if name is None or name not in ours:
-            if reset_head and name is not None and name.startswith(head):
-                continue               # a classifier the model does not have (num_classes=0): dropped
-            unexpected.append(k)
-            continue
-        seen.add(name)
-        if name in pos_keys and v.dim() == 3 and v.shape[1] != ours[name].shape[1]:
-            old_grid = _square_grid(v.shape[1] - 1, k)
-            v = resample_pos_embed(v, old_grid, model.config.grid_size, pos_method)
-            resized.append(f"{k} from a {old_grid[0]}x{old_grid[1]} to a {'x'.join(map(str, model.config.grid_size))} "
-                           "patch grid")
-        if name in patch_keys and v.dim() == 4 and v.shape[:2] == ours[name].shape[:2] \
-                and v.shape[2:] != ours[name].shape[2:]:
-            resized.append(f"{k} from {'x'.join(map(str, v.shape[2:]))} to "
-                           f"{'x'.join(map(str, ours[name].shape[2:]))} pixel patches")
-            v = resize_patch_kernel(v, tuple(ours[name].shape[2:]))
-        if v.shape != ours[name].shape:
-            mismatched[name] = f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[name].shape)}"
-            continue
-        mapped[name] = v
-    head_mismatch = any(n.startswith(head) for n in mismatched)
-    # "auto" also keeps a fresh head when the file has none (an encoder pretrained without a classifier)
-    headless = head != () and not any(n.startswith(head) for n in (*seen, *mismatched))
-    kept_head = set()
-    if reset_head is True or (reset_head == "auto" and (head_mismatch or headless)):
-        kept_head = {n for n in ours if n.startswith(head)}        # the model's own, fresh classifier
-    missing = [layout.file_key(n) for n in ours if n not in seen and n not in kept_head]
-    bad_shapes = [m for n, m in mismatched.items() if n not in kept_head]
-    if missing or unexpected or bad_shapes:
-        lines = [f"{layout.name} does not match this {type(model).__name__} (nothing was loaded):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", bad_shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        if (head_mismatch or headless) and not kept_head:
-            lines.append("  (a different class count, or a file without a classifier? pass reset_head=True to keep "
-                         "a new head)")
-        if unexpected:
-            lines.append("  (keys the model has no use for may be skipped with ignore=[...])")
-        if layout.keys is not None:
-            from .released import closest
-
-            r, diff = closest(sd, type(model))
-            if r is not None:
-                lines.append(f"  closest known released file: {r.name} ({r.file}), which differs: "
-                             f"{'; '.join(diff) or 'nothing (crate_fast.load_released builds its model)'}")
-        raise RuntimeError("\n".join(lines))
-    mapped = {n: v for n, v in mapped.items() if n not in kept_head}
-    mapped.update({n: ours[n] for n in kept_head})
-    model.load_state_dict(mapped, strict=True)
+    missing = [layout.file_key(n) for n in ours if n not in m.seen and n not in kept]
+    bad_shapes = [msg for n, msg in m.mismatched.items() if n not in kept]
+    if missing or m.unexpected or bad_shapes:
+        raise _mismatch_error(model, w, layout, m, missing, bad_shapes)
+    model.load_state_dict({**{n: v for n, v in m.tensors.items() if n not in kept}, **{n: ours[n] for n in kept}})
     if ignore:
-        print(f"[crate_fast] skipped {len(ignore)} key(s) named in ignore: {', '.join(sorted(ignore)[:20])}",
-              file=sys.stderr)
-    if kept_head and reset_head == "auto":
-        why = "has none" if headless else "has another class count"
-        print(f"[crate_fast] kept this model's fresh classifier ({', '.join(sorted(kept_head))}): the file {why}",
-              file=sys.stderr)
-    if resized:
-        print(f"[crate_fast] resized {'; '.join(resized)} (the file was trained at another image or patch size; "
-              "build the model with the file's img_size / patch_size to use it unchanged)", file=sys.stderr)
-    if dropped:
-        print(f"[crate_fast] {layout.name}: skipped {len(dropped)} key(s) this {type(model).__name__} has no use "
-              f"for: {', '.join(list(dropped)[:5])}{' ...' if len(dropped) > 5 else ''}", file=sys.stderr)
+        logger.warning("skipped %d key(s) named in ignore: %s", len(ignore), ", ".join(sorted(ignore)[:20]))
+    if why:
+        logger.warning("kept this model's fresh classifier (%s): the file %s", ", ".join(sorted(kept)), why)
+    if m.resized:
+        logger.warning("resized %s (the file was trained at another image or patch size; build the model with the "
+                       "file's img_size / patch_size to use it unchanged)", "; ".join(m.resized))
+    if m.dropped:
+        logger.warning("%s: skipped %d key(s) this %s has no use for: %s%s", layout.name, len(m.dropped),
+                       type(model).__name__, ", ".join(m.dropped[:5]), " ..." if len(m.dropped) > 5 else "")
     return model
 
 
 def load_official_state_dict(model: nn.Module, obj: Any, *, reset_head: bool | str = False,
-                             ignore: Iterable[str] = (), trusted: bool = False) -> nn.Module:
+                             ignore: Iterable[str] = (), trusted: bool = False,
+                             pos_grid: tuple[int, int] | None = None) -> nn.Module:
     """Load weights in the official layout of the model's family into a crate_fast model, strictly.
 
     obj: a path (``.pt``/``.pth`` read with weights_only=True, or ``.safetensors``), a state_dict, or a
     checkpoint dict with 'state_dict' (main.py) or 'model' (demo notebooks, FAIR MAE); 'module.'
-    prefixes are stripped. A position table of another square patch grid is interpolated (the family's
-    ``pos_resample`` method: bicubic for CRATE, bilinear as scipy.ndimage.zoom for CRATE-alpha); a
-    convolutional stem kernel of another patch size is resized bilinearly where the family allows it
+    prefixes are stripped. A position table of another patch grid is interpolated (the family's
+    ``pos_resample`` method: bicubic for CRATE, bilinear as scipy.ndimage.zoom for CRATE-alpha) from the
+    grid the file was trained on: the one crate-fast's own files record, else `pos_grid`, else a square
+    grid when the table's patch count is a square (reported), else ValueError. A convolutional stem
+    kernel of another patch size is resized bilinearly where the family allows it
     (``resized_patch_keys``: CRATE-alpha, as its fine-tuning recipe does).
     reset_head: True keeps the model's own (fresh) classifier, for another class count; "auto" does so
     only when the file's head has another shape or the file has none (a pretrained encoder). ignore: file
-    keys to skip (e.g. a head the model does not have). trusted: see :func:`read_checkpoint`. A model
-    fine-tuned from another family (``pretrained_from``: the CRATE-MAE classifier) also takes that
-    family's files, ours or official; their keys it has no use for (the decoder) are skipped and
+    keys to skip (e.g. a head the model does not have). trusted: see :func:`crate_fast.read_checkpoint`.
+    A model fine-tuned from another family (``pretrained_from``: the CRATE-MAE classifier) also takes
+    that family's files, ours or official; their keys it has no use for (the decoder) are skipped and
     reported. Returns the model.
 
     Raises RuntimeError listing missing, unexpected and mismatched keys (nothing is loaded then),
-    ValueError for a crate_fast state_dict (use model.load_state_dict or :func:`load_weights`).
+    ValueError for a crate_fast state_dict (use model.load_state_dict or :func:`load_weights`) or a
+    position table of unknown grid.
     """
-    sd = unwrap_state_dict(obj, trusted=trusted)
-    layout = _layout_of(model, sd)
+    w = read_weights(obj, trusted=trusted)
+    layout = _layout_of(model, w.state_dict)
     if layout.is_ours:
         raise ValueError("this is already a crate_fast state_dict: use model.load_state_dict(sd) "
                          "(or crate_fast.load_weights, which takes both layouts)")
-    return _load(model, sd, layout, reset_head=reset_head, ignore=ignore)
+    return _load(model, w, layout, reset_head=reset_head, ignore=ignore, pos_grid=pos_grid)
 
 
 def load_weights(model: nn.Module, obj: Any, *, reset_head: bool | str = False, ignore: Iterable[str] = (),
-                 trusted: bool = False) -> nn.Module:
-    """Load any weights for this model: a crate_fast state_dict or run checkpoint (train.py's last.pt,
-    best.pt), or the official layout of its family; paths, containers, prefixes, options, strictness
-    and errors as in :func:`load_official_state_dict`. The one loader behind ``train.py --finetune``
-    and the analysis CLI. Returns the model."""
-    sd = unwrap_state_dict(obj, trusted=trusted)
-    return _load(model, sd, _layout_of(model, sd), reset_head=reset_head, ignore=ignore)
-
-
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's state_dict (our names) as a .safetensors file, atomically (temporary file, then
-    rename): the format any framework reads without running code. :func:`load_weights` reads it back."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"save_weights writes safetensors: name the file *.safetensors, got {path!r}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise FileNotFoundError(f"the folder of {path!r} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,
-                  metadata={"format": "pt", "producer": "crate_fast"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+                 trusted: bool = False, pos_grid: tuple[int, int] | None = None) -> nn.Module:
+    """Load any weights for this model: a crate_fast state_dict, model.safetensors or run checkpoint
+    (train.py's last.pt, best.pt), or the official layout of its family; paths, containers, prefixes,
+    options, strictness and errors as in :func:`load_official_state_dict`. The one loader behind
+    ``train.py --finetune`` and the analysis CLI. Returns the model."""
+    w = read_weights(obj, trusted=trusted)
+    return _load(model, w, _layout_of(model, w.state_dict), reset_head=reset_head, ignore=ignore, pos_grid=pos_grid)
 
 
 def to_official_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The model's parameters under its family's official names (no 'module.' prefix)."""
-    keys = _key_map(model)
+    """The model's parameters under its family's official names (no 'module.' prefix). Raises TypeError for
+    a model without an official layout, KeyError for a parameter without an official name."""
+    keys = key_map(model)
     out = OrderedDict()
     for k, v in model.state_dict().items():
         name = keys.to_official(k)
@@ -398,3 +307,138 @@ def to_official_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
             raise KeyError(f"parameter {k!r} has no official counterpart")
         out[name] = v
     return out
+
+
+def model_record(model: nn.Module) -> dict:
+    """What crate-fast's own files record about their model: {"family": its family's name, "model_config":
+    its config as a dict} (run checkpoints hold both entries; model.safetensors' metadata the same)."""
+    return {"family": family_of_config(model.config).name, "model_config": model.config.to_dict()}
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's state_dict (our names) as a .safetensors file, atomically (temporary file, then
+    rename), recording the model's family and config in the file's metadata (so a load knows the patch
+    grid it was trained on, and :func:`load_model` rebuilds the model): the format any framework reads
+    without running code. :func:`load_weights` reads it back. Raises ValueError for another suffix,
+    FileNotFoundError for a missing folder."""
+    record = model_record(model)
+    save_safetensors(model.state_dict(), path, metadata={FAMILY_METADATA_KEY: record["family"],
+                                                         CONFIG_METADATA_KEY: json.dumps(record["model_config"])})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The known released files (crate_fast.RELEASED)
+# ---------------------------------------------------------------------------------------------------
+@functools.cache
+def _layout_shapes(name: str) -> tuple[type, dict[str, tuple]]:
+    """(model class, {official key: shape}) of a released file's model, built once on the meta device
+    (shapes only: no memory, no initialization cost)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    shapes = {k: tuple(v.shape) for k, v in to_official_state_dict(model).items()}
+    return type(model), {**shapes, **RELEASED[name].ignore}
+
+
+def closest(sd: Mapping[str, torch.Tensor], model_class: type | None = None) -> tuple[ReleasedFile | None, list[str]]:
+    """The known file (of model_class's family, if given) whose layout shares most (key, shape) pairs
+    with sd, and what differs from it; (None, []) when there is none."""
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    best, best_score, best_diff = None, (-1, -1), []
+    for r in RELEASED.values():
+        cls, want = _layout_shapes(r.name)
+        if model_class is not None and cls is not model_class:
+            continue
+        # key names first (they tell the family), then shapes (they tell the size)
+        score = (sum(k in got for k in want), sum(got.get(k) == s for k, s in want.items()))
+        if score > best_score:
+            missing = [k for k in want if k not in got]
+            extra = [k for k in got if k not in want]
+            shapes = [f"{k}: {got[k]} vs {s}" for k, s in want.items() if k in got and got[k] != s]
+            diff = ([f"missing {len(missing)}: {', '.join(missing[:5])}"] if missing else []) + \
+                   ([f"extra {len(extra)}: {', '.join(extra[:5])}"] if extra else []) + \
+                   ([f"shapes {len(shapes)}: {'; '.join(shapes[:5])}"] if shapes else [])
+            best, best_score, best_diff = r, score, diff
+    return best, best_diff
+
+
+def identify(obj: Any, *, trusted: bool = False) -> ReleasedFile:
+    """Which known released file `obj` (a path, a checkpoint dict or a state_dict) is. Raises ValueError
+    naming the closest known layout and what differs when it is none of them."""
+    sd = read_weights(obj, trusted=trusted).state_dict
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    for r in RELEASED.values():
+        if got == _layout_shapes(r.name)[1]:
+            return r
+    r, diff = closest(sd)
+    raise ValueError(f"not a known released file; closest: {r.name} ({r.file}), which differs: {'; '.join(diff)}. "
+                     "For other weights (a train.py run, another size) build the model with crate_fast.create_model "
+                     "and load them with crate_fast.load_weights.")
+
+
+def load_released(obj: Any, *, trusted: bool = False, impl: str = "auto") -> nn.Module:
+    """Build the model a known released file needs and load it strictly (its unused keys skipped).
+    obj: a path or an already-read checkpoint (read once). Raises ValueError for an unknown file (see
+    :func:`identify`)."""
+    w = read_weights(obj, trusted=trusted)
+    r = identify(w)
+    model = create_model(r.name, impl=impl)
+    return _load(model, w, _layout_of(model, w.state_dict), reset_head=False, ignore=list(r.ignore))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model a file needs
+# ---------------------------------------------------------------------------------------------------
+# Model options a train.py run records among its flags (its run config) that change what an evaluation
+# computes, and the same read from a FAIR-style checkpoint's training arguments (the released CRATE-MAE
+# file's 'args'); each is passed when the family's config has it.
+_RUN_MODEL_FIELDS = ("pool", "mask_ratio", "norm_pix_loss")
+_FAIR_ARGS_FIELDS = ("mask_ratio", "norm_pix_loss")
+
+
+def _config_of(w: Weights, arch: str | None, img_size: int | None, patch_size: int | None, impl: str):
+    """The config of the model that made the file: recorded exactly by crate-fast's own files, else the
+    arch's preset (a run's own --arch by default) with the sizes (a run's recorded ones, else the
+    arguments) and the model options a run's flags or FAIR's training arguments record, and a
+    classifier's class count from its head."""
+    if arch is None and w.model_config is not None and w.family is not None:
+        if w.family not in FAMILIES:
+            raise ValueError(f"{w.source!r} records a model family {w.family!r} this crate-fast does not know")
+        return FAMILIES[w.family].config_class.from_dict({**w.model_config, "impl": impl})
+    sizes = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
+    recorded = {}
+    if w.run_config is not None:
+        arch = arch or w.run_config["arch"]
+        recorded = {k: w.run_config.get(k) for k in _RUN_MODEL_FIELDS}
+        sizes = {"img_size": w.run_config["img_size"], "patch_size": w.run_config["patch_size"]}
+    elif w.args is not None:
+        recorded = {k: getattr(w.args, k, None) for k in _FAIR_ARGS_FIELDS}
+    if arch is None:
+        raise ValueError(f"{w.source!r} is not a crate-fast run checkpoint or model file: name its model (arch; the "
+                         f"CLIs' --arch: one of {', '.join(list_models())}) and, if not the preset's, its sizes "
+                         "(img_size / patch_size; --img-size / --patch-size)")
+    fields = family_of(arch).config_class.__dataclass_fields__
+    overrides = {k: v for k, v in recorded.items() if k in fields and v is not None}
+    if "num_classes" in fields:
+        head = w.state_dict.get("head.weight", w.state_dict.get("mlp_head.1.weight"))
+        if head is None:
+            raise ValueError(f"{w.source!r} has no classifier weights (head.weight or mlp_head.1.weight)")
+        overrides["num_classes"] = head.shape[0]
+    return get_config(arch, **sizes, **overrides, impl=impl)
+
+
+def load_model(obj: Any, arch: str | None = None, img_size: int | None = None, patch_size: int | None = None, *,
+               impl: str = "auto", trusted: bool = False) -> nn.Module:
+    """Build the model a weight file needs and load it strictly (the file is read once).
+
+    obj: a path or an object :func:`crate_fast.io.read_weights` takes. crate-fast's own files record
+    their model (save_weights' model.safetensors, train.py's last.pt / best.pt: their sizes are used,
+    whatever img_size / patch_size say); other weights (an official file of a family, a bare state_dict)
+    need `arch` (any create_model name) and, if not the preset's, img_size / patch_size. Classifiers
+    take their class count from the file's head; CRATE-MAE takes mask_ratio and norm_pix_loss from a
+    run's flags or a FAIR checkpoint's ``args``.
+    Raises FileNotFoundError, ValueError (no arch for a file that does not record its model, an unknown
+    arch, a classifier file without a head), RuntimeError (weights that do not fit: :func:`load_weights`).
+    """
+    w = read_weights(obj, trusted=trusted)
+    model = family_of_config(cfg := _config_of(w, arch, img_size, patch_size, impl)).model_class(cfg)
+    return _load(model, w, _layout_of(model, w.state_dict), reset_head=False, ignore=())

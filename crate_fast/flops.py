@@ -1,47 +1,38 @@
-"""Exact matmul FLOP counts of the CRATE family per image, for MFU and roofline numbers (docs/DESIGN.md §6).
+"""Matmul FLOP counts for MFU and roofline numbers (docs/DESIGN.md §6): each family declares its own count
+beside its config (models/<family>.py ``flops``); this module finds it by config, and holds the GPU peaks
+and a standard ViT for comparison.
 
 A multiply-add is 2 FLOPs. Norms, softmax and elementwise work are not counted (they cost bandwidth,
 not matrix FLOPs), as in every MFU convention. Training is 3x forward (backward = 2x forward).
 """
 from __future__ import annotations
 
+from .registry import family_of_config
+
 # Dense bf16/fp16 tensor-core peak (FLOP/s) by GPU name substring, for MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362e12,
              "RTX 4090": 165.2e12}
 
 
-def flops_per_image(cfg, *, ista: str = "2mm", training: bool = False,
+def flops_per_sample(cfg, *, training: bool = False, **options) -> int:
+    """FLOPs of one sample (an image; a sequence of block_size tokens for language models) through the
+    model of `cfg`, forward or (training=True) forward + backward: its family's ``flops`` with `options`
+    (image families: img_size=(h, w) instead of the config's; CRATE and CRATE-MAE: ista="2mm" | "3mm").
+    Raises TypeError for a config of no registered family, ValueError for a bad option value."""
+    return family_of_config(cfg).flops(cfg, training=training, **options)
+
+
+def flops_per_image(cfg, *, ista: str | None = None, training: bool = False,
                     img_size: tuple[int, int] | None = None) -> int:
-    """FLOPs of one image through the model of `cfg` (a CRATEConfig, CRATEAlphaConfig or CRATEMAEConfig).
-
-    Per layer, N tokens, width d, inner = heads x dim_head (docs/DESIGN.md §6):
-      MSSA           U and output projections 2 x 2 N d inner, attention (w w^T, P w) 4 N^2 inner
-      CRATE ISTA     ista="2mm": 4 N d^2, the exact two-GEMM step (the model's real arithmetic; use it for
-                     MFU of every impl); "3mm": 6 N d^2, the official code's three GEMMs (impl="reference")
-      CRATE-alpha    ODL, four N x d x m GEMMs (m = ratio x d atoms): 8 N d m
-      CRATE-MAE      encoder layers as CRATE's on all N = patches + 1 tokens (mask tokens included);
-                     decoder layers W_dec 2 N d^2 + MSSA; decoder_pred 2 N d (3 p^2)
-    plus the patch embedding 2 P (C p^2) d and the classifier 2 d classes. Training = 3 x forward.
-    Raises ValueError for an unknown ista form.
-    """
-    from .models.crate_alpha import CRATEAlphaConfig
-
-    if ista not in ("2mm", "3mm"):
-        raise ValueError(f"ista must be '2mm' or '3mm', got {ista!r}")
-    h, w = img_size or cfg.img_size
-    P = (h // cfg.patch_size[0]) * (w // cfg.patch_size[1])
-    N, d, inner = P + 1, cfg.dim, cfg.heads * cfg.dim_head
-    patch = 2 * P * cfg.in_chans * cfg.patch_size[0] * cfg.patch_size[1] * d
-    mssa = 2 * N * d * inner + 2 * N * inner * d + 4 * N * N * inner
-    ista_f = (4 if ista == "2mm" else 6) * N * d * d
-    if isinstance(cfg, CRATEAlphaConfig):
-        fwd = patch + cfg.depth * (mssa + 8 * N * d * cfg.overcomplete_ratio * d) + 2 * d * cfg.num_classes
-    elif hasattr(cfg, "decoder_depth"):           # CRATE-MAE
-        pred = 2 * N * d * cfg.in_chans * cfg.patch_size[0] * cfg.patch_size[1]
-        fwd = patch + cfg.depth * (mssa + ista_f) + cfg.decoder_depth * (2 * N * d * d + mssa) + pred
-    else:
-        fwd = patch + cfg.depth * (mssa + ista_f) + 2 * d * cfg.num_classes
-    return 3 * fwd if training else fwd
+    """:func:`flops_per_sample` of an image model (a CRATE, CRATE-alpha, CRATE-MAE config ...): per layer,
+    N tokens, width d, inner = heads x dim_head, MSSA 4 N d inner + 4 N^2 inner; CRATE's ISTA 4 N d^2
+    (ista="2mm", the exact two-GEMM step every fast impl runs) or 6 N d^2 ("3mm", the official code's);
+    CRATE-alpha's ODL 8 N d m; CRATE-MAE's decoder and pixel head; the patch embedding and classifier.
+    Raises ValueError for an unknown ista form."""
+    options = {"img_size": img_size} if img_size is not None else {}
+    if ista is not None:
+        options["ista"] = ista
+    return flops_per_sample(cfg, training=training, **options)
 
 
 def vit_flops_per_image(dim: int, depth: int, img: int = 224, patch: int = 16, classes: int = 1000,

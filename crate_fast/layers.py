@@ -7,6 +7,7 @@
 - :class:`ODL`: CRATE-alpha's overcomplete dictionary learning block (two ISTA steps on a 4x
   overcomplete dictionary D, synthesis by a decoupled dictionary D1).
 - :class:`CRATEAlphaBlock`: ``z_half = z + MSSA(LN1(z)); z_next = z_half + ODL(LN2(z_half))``.
+- :class:`Block`: what the blocks share (``set_impl``; ``sparsify`` for the white-box analysis).
 - :class:`ConvPatchEmbed`: Conv2d(kernel = stride = patch) patch embedding (CRATE-alpha, CRATE-MAE).
 
 Each takes ``impl`` (one of crate_fast.kernels.IMPLS); parameters never depend on it, and
@@ -28,6 +29,17 @@ def set_impl(module: nn.Module, impl: str) -> None:
     for m in module.modules():
         if isinstance(m, (MSSA, ISTA, ODL)):
             m.impl = impl
+
+
+class Block(nn.Module):
+    """What the CRATE blocks share: ``set_impl`` (:func:`set_impl` on the block), and for the white-box
+    analysis ``sparsify(z_half) -> (block output, sparse codes)``, the block's second half on
+    z_half = z + MSSA(LN1(z)), and ``codes_name``, what those codes are."""
+
+    codes_name = "codes"
+
+    def set_impl(self, impl: str) -> None:
+        set_impl(self, impl)
 
 
 class MSSA(nn.Module):
@@ -105,8 +117,11 @@ class ISTA(nn.Module):
         return f"dim={self.weight.shape[0]}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
 
 
-class CRATEBlock(nn.Module):
-    """One CRATE layer: compression (MSSA with residual), then sparsification (ISTA, no residual)."""
+class CRATEBlock(Block):
+    """One CRATE layer: compression (MSSA with residual), then sparsification (ISTA, no residual).
+    z: (B, N, dim) -> (B, N, dim); sparsify's codes are the ISTA output itself."""
+
+    codes_name = "ISTA output"
 
     def __init__(self, dim: int, heads: int, dim_head: int | None = None, step_size: float = 0.1,
                  lambd: float = 0.1, dropout: float = 0.0, impl: str = "auto"):
@@ -116,12 +131,13 @@ class CRATEBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ista = ISTA(dim, step_size=step_size, lambd=lambd, impl=impl)
 
-    def set_impl(self, impl: str) -> None:
-        set_impl(self, impl)
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z_half = z + self.attn(self.norm1(z))
         return self.ista(self.norm2(z_half))
+
+    def sparsify(self, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.ista(self.norm2(z_half))
+        return out, out
 
 
 def patch_grid(img: torch.Tensor, patch_size: tuple[int, int], in_chans: int) -> tuple[int, int]:
@@ -178,12 +194,15 @@ class ODL(nn.Module):
         return f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
 
 
-class CRATEAlphaBlock(nn.Module):
+class CRATEAlphaBlock(Block):
     """One CRATE-alpha layer: ``z_half = z + MSSA(LN1(z)); z_next = z_half + ODL(LN2(z_half))``.
 
     Both MSSA projections are bias-free and every LayerNorm has eps 1e-6 (the official port and the JAX
     model). drop_path > 0 drops each residual branch per sample (timm's DropPath, as the JAX trainer's
-    DropPath on both branches; timm must be installed for it)."""
+    DropPath on both branches; timm must be installed for it). sparsify's codes are the ODL codes a2
+    (B, N, ratio * dim) fp32, not the block's output (z_half + a2 D1^T: a residual sum, dense)."""
+
+    codes_name = "ODL codes a2"
 
     def __init__(self, dim: int, heads: int, dim_head: int | None = None, overcomplete_ratio: int = 4,
                  step_size: float = 0.1, lambd: float = 0.1, dropout: float = 0.0, drop_path: float = 0.0,
@@ -200,15 +219,16 @@ class CRATEAlphaBlock(nn.Module):
         else:
             self.drop_path = None
 
-    def set_impl(self, impl: str) -> None:
-        set_impl(self, impl)
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.drop_path is None or not self.training:
             z_half = z + self.attn(self.norm1(z))
             return self.odl(self.norm2(z_half), residual=z_half)     # the residual add rides in the op
         z_half = z + self.drop_path(self.attn(self.norm1(z)))
         return z_half + self.drop_path(self.odl(self.norm2(z_half)))
+
+    def sparsify(self, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xn = self.norm2(z_half)
+        return self.odl(xn, residual=z_half), self.odl.codes(xn)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -251,7 +271,6 @@ class PatchEmbed(nn.Module):
         p1, p2 = self.patch_size
         x = img.reshape(B, C, gh, p1, gw, p2).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, p1 * p2 * C)
         return self.norm_out(self.proj(self.norm_in(x)))
-
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],

@@ -1,22 +1,16 @@
-"""The known released weight files of the CRATE family: what each one is, the model it needs, and how
-to load it.
+"""The known released weight files of the CRATE family: what each one is, the model it needs, and where it
+was published. Data only: it imports nothing of crate_fast. crate_fast.checkpoint identifies a file by
+its layout and loads it (``load_released``); crate_fast.registry builds the model a file needs by its name.
 
     model = crate_fast.load_released("crate-demo.pth")            # identifies the file, builds, loads
     model = crate_fast.create_model("crate_base_demo")            # the model a known file needs
 
-No file is downloaded here (nothing in crate-fast fetches weights); :data:`RELEASED` says where each
-one was published. Files are read safely (crate_fast.read_checkpoint): FAIR-style checkpoints keep
-their training arguments as an ``argparse.Namespace``, which the reader allows explicitly.
+Files are read safely (crate_fast.read_checkpoint): FAIR-style checkpoints keep their training arguments
+as an ``argparse.Namespace``, which the reader allows explicitly.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
-
-from .checkpoint import load_official_state_dict, to_official_state_dict, unwrap_state_dict
 
 
 @dataclass(frozen=True)
@@ -68,73 +62,3 @@ RELEASED: dict[str, ReleasedFile] = {r.name: r for r in [
         "huggingface.co/UCSC-VLAA/CRATE-alpha, torch/ (linked from the official README)",
         "IN-21K pretrained, IN-1K finetuned, 224 px; 83.9% IN-1K top-1 (official README)."),
 ]}
-
-
-def released_config_overrides(name: str) -> tuple[str, dict] | None:
-    """(preset, overrides) for a released file's model name, or None."""
-    r = RELEASED.get(name)
-    return (r.arch, r.overrides) if r else None
-
-
-@functools.cache
-def _layout(name: str) -> tuple[type, dict[str, tuple]]:
-    """(model class, {official key: shape}) of a released file's model, built once on the meta device
-    (shapes only: no memory, no initialisation cost)."""
-    from .registry import create_model
-
-    with torch.device("meta"):
-        model = create_model(name)
-    shapes = {k: tuple(v.shape) for k, v in to_official_state_dict(model).items()}
-    return type(model), {**shapes, **RELEASED[name].ignore}
-
-
-def expected_shapes(r: ReleasedFile) -> dict[str, tuple]:
-    """Every key of the file's state_dict (official names) and its shape."""
-    return _layout(r.name)[1]
-
-
-def closest(sd: dict[str, torch.Tensor], model_class: type | None = None) -> tuple[ReleasedFile | None, list[str]]:
-    """The known file (of model_class's family, if given) whose layout shares most (key, shape) pairs
-    with sd, and what differs from it; (None, []) when there is none."""
-    got = {k: tuple(v.shape) for k, v in sd.items()}
-    best, best_score, best_diff = None, (-1, -1), []
-    for r in RELEASED.values():
-        if model_class is not None and _layout(r.name)[0] is not model_class:
-            continue
-        want = expected_shapes(r)
-        # key names first (they tell the family), then shapes (they tell the size)
-        score = (sum(k in got for k in want), sum(got.get(k) == s for k, s in want.items()))
-        if score > best_score:
-            missing = [k for k in want if k not in got]
-            extra = [k for k in got if k not in want]
-            shapes = [f"{k}: {got[k]} vs {s}" for k, s in want.items() if k in got and got[k] != s]
-            diff = ([f"missing {len(missing)}: {', '.join(missing[:5])}"] if missing else []) + \
-                   ([f"extra {len(extra)}: {', '.join(extra[:5])}"] if extra else []) + \
-                   ([f"shapes {len(shapes)}: {'; '.join(shapes[:5])}"] if shapes else [])
-            best, best_score, best_diff = r, score, diff
-    return best, best_diff
-
-
-def identify(obj, *, trusted: bool = False) -> ReleasedFile:
-    """Which known released file `obj` (a path, a checkpoint dict or a state_dict) is. Raises ValueError
-    naming the closest known layout and what differs when it is none of them."""
-    sd = unwrap_state_dict(obj, trusted=trusted)
-    got = {k: tuple(v.shape) for k, v in sd.items()}
-    for r in RELEASED.values():
-        if got == expected_shapes(r):
-            return r
-    r, diff = closest(sd)
-    raise ValueError(f"not a known released file; closest: {r.name} ({r.file}), which differs: {'; '.join(diff)}. "
-                     "For other weights (a train.py run, another size) build the model with crate_fast.create_model "
-                     "and load them with crate_fast.load_weights.")
-
-
-def load_released(obj, *, trusted: bool = False, impl: str = "auto") -> nn.Module:
-    """Build the model a known released file needs and load it strictly (its unused keys skipped).
-    obj: a path or an already-read checkpoint. Raises ValueError for an unknown file (see identify)."""
-    from .registry import create_model
-
-    sd = unwrap_state_dict(obj, trusted=trusted)
-    r = identify(sd)
-    model = create_model(r.name, impl=impl)
-    return load_official_state_dict(model, sd, ignore=list(r.ignore))

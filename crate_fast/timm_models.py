@@ -6,37 +6,20 @@ is installed; it stays optional), so timm's tools take them:
     >>> model = timm.create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
     >>> timm.data.resolve_data_config({}, model=model)        # from model.pretrained_cfg
 
-timm's generic options map onto the config: ``global_pool`` "token" / "avg" -> pool "cls" / "mean",
-``in_chans``, ``img_size``, ``patch_size``, ``num_classes`` (0: no classifier), ``features_only`` with
+timm's generic options map onto the config: ``global_pool`` "token" / "avg" / "" -> pool "cls" / "mean" / "none",
+``in_chans``, ``img_size``, ``patch_size``, ``num_classes`` (0: no classifier; with ``global_pool=""``
+the unpooled tokens), ``features_only`` with
 ``out_indices`` (timm's FeatureGetterNet over forward_intermediates). Options
 the model does not have (drop_path_rate, a nonzero drop_rate, ...) are refused. No weights are
 downloaded: ``pretrained=True`` raises an error naming the file to fetch by hand (crate_fast.RELEASED).
 """
 from __future__ import annotations
 
-from .registry import create_model, family_of, list_models
+from .models.base import pool_for
+from .registry import FAMILIES, create_model, family_of, list_models
 from .released import RELEASED
 
-GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean"}    # timm's global_pool -> pool
-
-
-def pool_for(global_pool: str) -> str:
-    """Our pool ("cls" or "mean") for timm's global_pool name. Raises ValueError for any other name."""
-    if global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
-    return GLOBAL_POOLS[global_pool]
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def pretrained_cfg(model) -> dict:
-    """timm's pretrained_cfg for a crate_fast classifier: input size, ImageNet mean/std, crop_pct and
-    interpolation of the official evaluation (resize 256 -> center 224, bicubic), the classifier name."""
-    cfg = model.config
-    return {"input_size": (cfg.in_chans, *cfg.img_size), "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "crop_pct": 224 / 256, "crop_mode": "center",
-            "interpolation": "bicubic", "num_classes": cfg.num_classes, "classifier": "head",
-            # the first layer over pixels (CRATE: a Linear on channel-last patches; CRATE-alpha: a conv)
-            "first_conv": "patch_embed.proj", "license": "mit"}
 
 
 def entrypoint(name: str):
@@ -74,11 +57,9 @@ def entrypoint(name: str):
 
 
 def timm_models() -> list[str]:
-    """The presets timm serves: every image classifier (CRATE, CRATE-alpha); CRATE-MAE is a masked
-    autoencoder, outside timm's classifier contract."""
-    from .models.base import TokenClassifier
-
-    return [n for n in list_models() if issubclass(family_of(n).model_class, TokenClassifier)]
+    """The presets timm serves: those of every family that declares it (the image classifiers; CRATE-MAE
+    is a masked autoencoder, outside timm's classifier contract)."""
+    return sorted(n for f in FAMILIES.values() if f.timm for n in list_models(f.name))
 
 
 def register() -> bool:

@@ -9,6 +9,10 @@ import os
 
 import numpy as np
 
+from .datasets import Images
+from .prepare import cache_lock
+from .writer import write_beton
+
 SIZE = 32
 NUM_CLASSES = 10
 VAL_FRACTION = 0.2
@@ -33,14 +37,17 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def digits_betons(cache_dir: str) -> dict[str, str]:
-    """Paths of the digits train/val .beton files, written into cache_dir on first use."""
-    from .datasets import Images
-    from .write_ffcv import write_beton
-
+    """Paths of the digits train/val .beton files (class names '0'..'9' recorded with them), written
+    into cache_dir on first use: by one process at a time (prepare.cache_lock), the others then find
+    them written. Raises like writer.write_beton."""
     paths = {split: os.path.join(cache_dir, f"digits-v{VERSION}-{split}.beton") for split in ("train", "val")}
-    if not all(os.path.exists(p) for p in paths.values()):
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    with cache_lock(cache_dir, f"digits-v{VERSION}"):
+        if all(os.path.exists(p) for p in paths.values()):         # written while we waited for the lock
+            return paths
         for split, (images, labels) in digits_arrays().items():
             # Raw pixels: tiny images decode fastest uncompressed, and nothing is lost.
             write_beton(Images(list(zip(images, labels, strict=True))), paths[split], max_resolution=None,
-                        compress_probability=0.0)
+                        compress_probability=0.0, classes=[str(d) for d in range(NUM_CLASSES)])
     return paths

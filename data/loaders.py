@@ -13,7 +13,11 @@ of the one order of sharding.py, the same order the torchvision fallback reads.
 """
 from __future__ import annotations
 
+import logging
+import operator
 import os
+import queue
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -22,9 +26,19 @@ import torch
 from . import sharding
 from ._ffcv import require_ffcv
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+log = logging.getLogger(__name__)
+
+# ImageNet's channel statistics, the one home of them in crate-fast: in [0, 1] as timm names them (what a
+# pretrained_cfg or a float image in [0, 1] needs), and scaled to 0-255 for the loaders, which normalize
+# uint8 pixels on the device.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(m * 255 for m in IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD = tuple(s * 255 for s in IMAGENET_DEFAULT_STD)
 DEFAULT_CROP_PCT = 224 / 256
+# How long stopping an abandoned FFCV epoch may wait for its thread (it finishes the batch it is
+# decoding first); past that the thread is left to end on its own, and a warning says so.
+STOP_TIMEOUT_S = 60.0
 
 
 def check_beton(path: str) -> None:
@@ -110,7 +124,11 @@ class NormalizingLoader:
     """Iterates `loader`'s (uint8 (B, 3, H, W) images, labels) batches, moving them to the device,
     applying batch_transform there (uint8 in, uint8 of the same shape out; training loaders only, e.g.
     augment.RandAugment) and then normalizing. Labels come out int64 (B,). Images and labels are fresh
-    memory, never the source's reused buffers. Shared by the FFCV loaders and the torchvision fallback."""
+    memory, never the source's reused buffers. Shared by the FFCV loaders and the torchvision fallback.
+
+    A pass that ends early (the consumer breaks out of its loop, or drops the iterator, or an exception
+    leaves the loop) is ended for the source too: subclasses free what the source's pass holds in
+    _end_pass (see DeviceLoader)."""
 
     def __init__(self, loader, device, dtype, mean, std, batch_transform: Callable | None = None):
         self.loader, self.device, self.batch_transform = loader, torch.device(device), batch_transform
@@ -120,16 +138,62 @@ class NormalizingLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _start_pass(self):
+        """The source's iterator for one pass."""
+        return iter(self.loader)
+
+    def _end_pass(self, batches) -> None:
+        """Called when a pass ends, read to the end or not, with _start_pass's iterator."""
+
     def __iter__(self):
-        for images, labels in self.loader:
-            if self.batch_transform is not None:
-                images = self.batch_transform(images.to(self.device, non_blocking=True))
-            # copy=True: on the CPU .to() / .long() would hand out FFCV's label buffer, which it reuses.
-            yield self.normalize(images), labels.to(self.device, torch.long, non_blocking=True, copy=True).view(-1)
+        # A generator: Python closes it when the consumer breaks out of its loop or drops it (or an
+        # exception unwinds the loop), which runs the `finally` below.
+        batches = self._start_pass()
+        try:
+            for images, labels in batches:
+                if self.batch_transform is not None:
+                    images = self.batch_transform(images.to(self.device, non_blocking=True))
+                # copy=True: on the CPU .to() / .long() would hand out FFCV's label buffer, which it reuses.
+                yield (self.normalize(images),
+                       labels.to(self.device, torch.long, non_blocking=True, copy=True).view(-1))
+        finally:
+            self._end_pass(batches)
+
+
+def stop_epoch(epoch, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop an FFCV EpochIterator (a thread that decodes batches ahead into a queue of `batches_ahead`)
+    whose consumer stopped early, and free its buffers.
+
+    Left alone it never ends (libffcv/ffcv#393): its thread blocks on the full queue and, as the
+    thread refers to the iterator, neither is ever collected: a thread and its batch buffers leaked per
+    abandoned epoch. FFCV's close() only sets the thread's stop event (which it checks each time the
+    queue is full for 0.5 s) and leaves the memory context; but once its last batch is decoded the
+    thread puts its end marker on the queue without a timeout, and waits on a full queue forever. So:
+    set the stop event, wait for the thread, and empty the queue only when it has no batch left to
+    decode (emptying it earlier would let it decode the rest of the epoch); then close() (after the
+    thread, which reads the memory it frees) and mark it closed, so that its __del__ does not close
+    it twice. An iterator that already ended (its end marker read) passes through unchanged."""
+    epoch.terminate_event.set()
+    deadline = time.monotonic() + timeout
+    while epoch.is_alive() and time.monotonic() < deadline:
+        if operator.length_hint(epoch.iter_ixes) == 0:          # decoding done: only puts are left
+            try:
+                while True:
+                    epoch.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+        epoch.join(0.05)
+    if epoch.is_alive():
+        log.warning("an FFCV epoch thread did not stop within %.0f s; leaving it to end on its own", timeout)
+        return
+    if not epoch.closed:
+        epoch.close()
+        epoch.closed = True
 
 
 class DeviceLoader(NormalizingLoader):
-    """An FFCV loader's batches on the device, normalized."""
+    """An FFCV loader's batches on the device, normalized. A pass the consumer leaves early (`break`)
+    stops FFCV's epoch thread and frees its buffers (stop_epoch)."""
 
     def __init__(self, loader, device, dtype, mean, std, decoder=None, batch_transform: Callable | None = None):
         super().__init__(loader, device, dtype, mean, std, batch_transform)
@@ -144,10 +208,21 @@ class DeviceLoader(NormalizingLoader):
         """Make the next pass use epoch `epoch`'s order (exact resume)."""
         self.loader.next_epoch = epoch
 
+    def _end_pass(self, batches) -> None:
+        stop_epoch(batches)
+
     def set_resolution(self, res: int) -> None:
-        """Training crop size from now on (progressive resizing)."""
+        """Training crop size (res x res) from the next pass on (progressive resizing): FFCV compiles a
+        pass's pipeline when the pass starts. Raises RuntimeError on an evaluation loader, or on a
+        training loader made without progressive=True (whose pipeline is compiled once: the new size
+        would never be used); ValueError for res < 1."""
         if self.decoder is None:
             raise RuntimeError("set_resolution is only available on training loaders")
+        if not self.loader.recompile:
+            raise RuntimeError("set_resolution needs a training loader made with progressive=True: FFCV compiles "
+                               "its pipeline once otherwise, and would keep the first size")
+        if res < 1:
+            raise ValueError(f"resolution must be positive, got {res}")
         self.decoder.output_size = (res, res)
 
 

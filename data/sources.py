@@ -13,10 +13,18 @@
 
 loader="ffcv" (default) or "torchvision" (no FFCV needed; slower). Both read the same samples in the
 same order for the same seed (sharding.py).
+
+The .beton files a source is converted to record their class names (records.py); a ``train.beton`` +
+``val.beton`` directory whose records differ is refused, one without records is read with a warning.
+Under torch.distributed the conversions and downloads run once per node, on local rank 0, while the
+other ranks wait, and once per cache directory across nodes (prepare.py). Progress and problems are
+logged (logger ``crate_fast.data.sources``): conversions at INFO, skipped files and unchecked class
+names at WARNING.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -24,8 +32,18 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fallback, loaders
 from ._ffcv import require_ffcv
+from .datasets import Images
+from .digits import NUM_CLASSES as DIGITS_CLASSES
+from .digits import digits_arrays, digits_betons
+from .folders import class_names, folder_fingerprint, scan_image_folder
 from .loaders import DEFAULT_CROP_PCT
+from .prepare import cache_lock, prepare_once
+from .records import beton_classes, record_path
+from .writer import write_beton, write_image_folder
+
+log = logging.getLogger(__name__)
 
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "pets": 37}
 # Bump when the conversion of image folders changes, so that entries written before are converted again
@@ -94,7 +112,13 @@ def beton_num_classes(path: str) -> int:
 
 
 def _torchvision_set(name: str, root: str, train: bool):
-    """A torchvision data set of (PIL image, label), downloaded into root if missing."""
+    """A torchvision data set of (PIL image, label), downloaded into root if missing: by one process at a
+    time (a lock file in root), so that processes sharing root never download into it at once."""
+    with cache_lock(root, f"download-{name}"):
+        return _open_or_download(name, root, train)
+
+
+def _open_or_download(name: str, root: str, train: bool):
     import torchvision.datasets as tvd
 
     root = os.path.join(root, name)
@@ -119,8 +143,6 @@ def _torchvision_set(name: str, root: str, train: bool):
 
 def _folder_classes(data: str) -> list[str]:
     """The class list of DATA/train and DATA/val, which must agree (labels are positions in it)."""
-    from .write_ffcv import class_names
-
     train, val = (class_names(os.path.join(data, s)) for s in ("train", "val"))
     if train != val:
         diff = sorted(set(train) ^ set(val))
@@ -132,14 +154,13 @@ def _folder_classes(data: str) -> list[str]:
 def _say_skipped(split: str, scan) -> None:
     if scan.skipped:
         path, why = scan.skipped[0]
-        print(f"[data] {split}: skipped {len(scan.skipped)} files that cannot be stored, e.g. {path} ({why})")
+        log.warning("%s: skipped %d files that cannot be stored, e.g. %s (%s)", split, len(scan.skipped), path, why)
 
 
 def _folder_betons(data: str, cache_dir: str) -> tuple[dict, int]:
     """train/val .beton paths of a train/ + val/ ImageFolder pair, converted into a cache entry keyed by
-    the folders' contents (see the module docstring), and the class count."""
-    from .write_ffcv import folder_fingerprint, write_image_folder
-
+    the folders' contents (see the module docstring), and the class count. One process at a time
+    converts a folder (a lock per folder path in cache_dir); one that waited finds the entry written."""
     n = len(_folder_classes(data))
     content = hashlib.sha256(f"{FOLDER_CONVERSION}:{FOLDER_MAX_RESOLUTION}".encode())
     for split in ("train", "val"):
@@ -149,54 +170,90 @@ def _folder_betons(data: str, cache_dir: str) -> tuple[dict, int]:
     paths = {s: os.path.join(entry, f"{s}.beton") for s in ("train", "val")}
     if all(os.path.exists(p) for p in paths.values()):
         return paths, n
-    # Earlier entries of this folder (any other contents; the bare prefix is the old, path-only key).
-    older = sorted(os.path.join(cache_dir, e) for e in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
-                   if e.startswith(prefix) and os.path.join(cache_dir, e) != entry)
-    if older:
-        print(f"[data] {data} changed since it was converted (files added, removed or rewritten, or a newer "
-              f"conversion): converting it again into {entry}")
-    else:
-        print(f"[data] converting {data} into {entry}")
-    for split in ("train", "val"):
-        _say_skipped(split, write_image_folder(os.path.join(data, split), paths[split],
-                                               max_resolution=FOLDER_MAX_RESOLUTION))
-    for old in older:
-        shutil.rmtree(old, ignore_errors=True)
-        print(f"[data] removed the outdated conversion {old}")
+    with cache_lock(cache_dir, prefix):
+        if all(os.path.exists(p) for p in paths.values()):         # converted while we waited for the lock
+            return paths, n
+        # Earlier entries of this folder (any other contents; the bare prefix is the old, path-only key).
+        older = sorted(os.path.join(cache_dir, e) for e in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
+                       if e.startswith(prefix) and os.path.join(cache_dir, e) != entry)
+        if older:
+            log.info("%s changed since it was converted (files added, removed or rewritten, or a newer "
+                     "conversion): converting it again into %s", data, entry)
+        else:
+            log.info("converting %s into %s", data, entry)
+        for split in ("train", "val"):
+            _say_skipped(split, write_image_folder(os.path.join(data, split), paths[split],
+                                                   max_resolution=FOLDER_MAX_RESOLUTION))
+        for old in older:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed the outdated conversion %s", old)
     return paths, n
 
 
-def _betons(data: str, kind: str, cache_dir: str, data_root: str) -> tuple[dict, int]:
-    """train/val .beton paths for any non-synthetic source, converting into cache_dir on first use,
-    and the class count."""
-    from .datasets import Images
-    from .digits import NUM_CLASSES, digits_betons
-    from .write_ffcv import write_beton
-
-    if kind == "digits":
-        return digits_betons(cache_dir), NUM_CLASSES
-    if kind == "beton_dir":
-        paths = {s: os.path.join(data, f"{s}.beton") for s in ("train", "val")}
+def _beton_dir(data: str) -> tuple[dict, int]:
+    """train/val .beton paths of a directory holding both, and the class count, after comparing the
+    class names recorded with them (records.py). Raises ValueError when the records differ: label i
+    would mean one class in training and another in validation. Without a record for either file
+    (another tool, an older crate-fast) nothing can be compared: a warning says so, and the class count
+    is 1 + train.beton's largest label, as before records."""
+    paths = {s: os.path.join(data, f"{s}.beton") for s in ("train", "val")}
+    names = {s: beton_classes(p) for s, p in paths.items()}
+    unrecorded = [s for s in ("train", "val") if names[s] is None]
+    if unrecorded:
+        log.warning("%s: cannot check that train.beton and val.beton use the same class names: %s no class-name "
+                    "record that matches it (%s: missing, or written for another file; the .beton was written by "
+                    "another tool or an older crate-fast). If the two splits were written from folders with "
+                    "different class folders, validation labels are silently wrong; writing them again with "
+                    "python -m crate_fast.data.write_ffcv records the names.", data,
+                    " and ".join(f"{s}.beton has" for s in unrecorded),
+                    ", ".join(os.path.basename(record_path(paths[s])) for s in unrecorded))
         return paths, beton_num_classes(paths["train"])
+    train, val = names["train"], names["val"]
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        if only_train or only_val:
+            what = "; ".join(f"only in {s}.beton: {', '.join(d[:10])}{' ...' if len(d) > 10 else ''}"
+                             for s, d in (("train", only_train), ("val", only_val)) if d)
+        else:
+            what = "the same names in another order"
+        raise ValueError(f"{data}: train.beton and val.beton were written with different class names ({what}), so "
+                         "a label means one class in training and another in validation. Give both source folders "
+                         "the same class folders (a class without images in a split may be an empty folder there) "
+                         "and write the split(s) again with python -m crate_fast.data.write_ffcv SRC OUT.beton")
+    return paths, len(train)
+
+
+def _betons(data: str, kind: str, cache_dir: str, data_root: str) -> tuple[dict, int]:
+    """train/val .beton paths for any non-synthetic source, converting into cache_dir on first use
+    (one process at a time: a lock per source in cache_dir), and the class count."""
+    if kind == "digits":
+        return digits_betons(cache_dir), DIGITS_CLASSES
+    if kind == "beton_dir":
+        return _beton_dir(data)
     if kind == "image_folder":
         return _folder_betons(data, cache_dir)
     paths = {s: os.path.join(cache_dir, kind, f"{s}.beton") for s in ("train", "val")}
-    if not all(os.path.exists(p) for p in paths.values()):
-        for split in ("train", "val"):
-            write_beton(Images(_torchvision_set(kind, data_root, split == "train")), paths[split],
-                        max_resolution=256, workers=os.cpu_count() or 1)
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths, TORCHVISION_SETS[kind]
+    with cache_lock(cache_dir, kind):
+        if not all(os.path.exists(p) for p in paths.values()):     # else converted while we waited
+            log.info("converting torchvision's %s into %s", kind, os.path.dirname(paths["train"]))
+            for split in ("train", "val"):
+                source = _torchvision_set(kind, data_root, split == "train")
+                classes = getattr(source, "classes", None)        # torchvision's names, where it has them
+                if classes is not None and len(classes) != TORCHVISION_SETS[kind]:
+                    classes = None
+                write_beton(Images(source), paths[split], max_resolution=256, workers=os.cpu_count() or 1,
+                            classes=classes)
     return paths, TORCHVISION_SETS[kind]
 
 
 def _sources(data: str, kind: str, data_root: str) -> tuple[dict, int]:
     """{split: indexed (image, label) pairs} for the torchvision loader (see datasets.Images), and the
     class count. Image folders list the same samples as their FFCV conversion."""
-    from .digits import digits_arrays
-    from .write_ffcv import scan_image_folder
-
     if kind == "digits":
         arrays = digits_arrays()
-        return {s: list(zip(*arrays[s], strict=True)) for s in ("train", "val")}, 10
+        return {s: list(zip(*arrays[s], strict=True)) for s in ("train", "val")}, DIGITS_CLASSES
     if kind in TORCHVISION_SETS:
         return {s: _torchvision_set(kind, data_root, s == "train") for s in ("train", "val")}, TORCHVISION_SETS[kind]
     if kind == "image_folder":
@@ -216,12 +273,13 @@ def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache
 
     Raises FileNotFoundError / ValueError for a --data value that is not a source (kind_of), train/
     and val/ folders with different classes, an unknown loader, or a batch_transform with synthetic
-    data (random floats, not images); RuntimeError when a conversion fails or a torchvision data set
-    is missing and cannot be downloaded.
-    """
-    from . import fallback, loaders
-    from .datasets import Images
+    data (random floats, not images), a .beton directory whose class-name records differ (_beton_dir);
+    RuntimeError when a conversion fails or a torchvision data set is missing and cannot be downloaded
+    (under torch.distributed, on the ranks that waited for the one that failed, too).
 
+    Under torch.distributed every rank of the default group must call this together: conversions and
+    downloads run on each node's local rank 0 first (prepare.prepare_once), the other ranks wait.
+    """
     kind = kind_of(data)
     data_root = data_root or os.path.join(cache_dir, "datasets")
     vbs = opts.val_batch_size or opts.batch_size
@@ -235,7 +293,7 @@ def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache
     common = dict(num_workers=opts.num_workers, device=opts.device, dtype=opts.dtype, distributed=opts.distributed,
                   seed=opts.seed)
     if loader == "ffcv":
-        paths, n = _betons(data, kind, cache_dir, data_root)
+        paths, n = prepare_once(lambda: _betons(data, kind, cache_dir, data_root))
         train = loaders.train_loader(paths["train"], batch_size=opts.batch_size, img_size=opts.img_size,
                                      flip=opts.flip, scale=opts.scale, ratio=opts.ratio, os_cache=opts.os_cache,
                                      progressive=opts.progressive, batch_transform=opts.batch_transform, **common)
@@ -244,7 +302,10 @@ def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache
         return Loaders(train, val, n)
     if loader != "torchvision":
         raise ValueError(f"loader must be 'ffcv' or 'torchvision', got {loader!r}")
-    sources, n = _sources(data, kind, data_root)
+    if kind in TORCHVISION_SETS:      # downloads: once per node, the others then open the files
+        sources, n = prepare_once(lambda: _sources(data, kind, data_root))
+    else:                             # nothing is written: every rank reads the source at once
+        sources, n = _sources(data, kind, data_root)
     tr = fallback.train_transform(opts.img_size, opts.scale, opts.ratio, opts.flip)
     va = fallback.val_transform(opts.img_size, opts.crop_pct)
     train = fallback.TorchvisionLoader(Images(sources["train"], "pil", tr), batch_size=opts.batch_size, train=True,

@@ -1,5 +1,8 @@
 """CRATE's operators, each with three implementations behind one dispatching function.
 
+This folder (kernels/) is installed as the package ``crate_fast.kernels`` (setup.py's package_dir): import
+it by that name, never as ``kernels``.
+
 - ``mssa_attention(w, scale=None, impl="auto")``: tied q = k = v softmax attention, (B, H, N, D).
 - ``ista_step(x, weight, step_size=0.1, lambd=0.1, impl="auto")``: one non-negative ISTA step, (..., C).
 - ``odl_step(x, D, D1, step_size=0.1, lambd=0.1, residual=None, impl="auto")``: CRATE-alpha's two-step
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-from ._utils import IMPLS, autocast_cast, autocast_dtype, check_impl, resolve_impl
+from ._dispatch import IMPLS, autocast_cast, autocast_dtype, check_impl, resolve_impl
 from .reference import ista_step_ref, mssa_attention_ref, odl_step_ref
 from .torch_ops import ista_step_torch, mssa_attention_torch, odl_step_torch
 

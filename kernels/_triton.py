@@ -1,11 +1,12 @@
-"""Triton plumbing shared by mssa.py, ista.py and odl.py: config rows and their admission, the dot and
-cast helpers, precision, op registration.
+"""Triton plumbing shared by mssa.py, gemm.py, ista.py and odl.py: config rows and their admission, the
+dot and cast helpers, precision, op registration with an eager twin.
 
 Imported only when a Triton path is used, so CPU-only installs never need triton.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import NamedTuple
 
@@ -15,7 +16,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ._utils import interpreting
+from ._dispatch import interpreting
+from .torch_ops import autograd_function
 
 INTERPRET = interpreting()
 # CRATE_FAST_AUTOTUNE=0 skips autotuning and takes the first admitted config (fast test runs).
@@ -29,16 +31,22 @@ _forced_config: int | None = None
 # combination for sm_80 and sm_90a and fails on any register spill or shared-memory overflow.
 # ------------------------------------------------------------------------------------------------
 class ConfigRow(NamedTuple):
-    dtypes: str        # "16bit" (fp16 and bf16), "fp32", or "any" (the interpreter's single row)
-    blocks: dict       # the kernel's block-size constexprs, e.g. {"BLOCK_M": 64, "BLOCK_N": 32}
+    dtypes: str                 # "16bit" (fp16 and bf16), "fp32", or "any" (the interpreter's single row)
+    blocks: dict                # the kernel's block-size constexprs, e.g. {"BLOCK_M": 64, "BLOCK_N": 32}
     warps: int
     stages: int
-    sm80: int          # the largest head block it compiles for without spills on sm_80 (0: none) ...
-    sm90: int          # ... and on sm_90a, with Triton 3.6 and 3.8 alike
+    max_head_block_sm80: int    # the largest head block it compiles for without spills on sm_80 (0: none)
+    max_head_block_sm90: int    # ... and on sm_90a, with Triton 3.6 and 3.8 alike
 
 
-# Kernels without a head dim (ISTA, ODL) admit a row at the nominal head block 1: sm80/sm90 say whether it fits.
-FITS, SPILLS = 1, 0
+# A kernel without a head dim (the GEMM) asks admitted() for this nominal head block.
+NO_HEAD_DIM = 1
+
+
+def fits(sm80: bool, sm90: bool) -> dict:
+    """The head-block fields of a row of a kernel without a head dim: whether it compiles without spills
+    on sm_80 and on sm_90a."""
+    return dict(max_head_block_sm80=NO_HEAD_DIM if sm80 else 0, max_head_block_sm90=NO_HEAD_DIM if sm90 else 0)
 
 
 def configs(rows: list[ConfigRow], interpreter_row: ConfigRow, **constexprs) -> list[triton.Config]:
@@ -52,11 +60,11 @@ def configs(rows: list[ConfigRow], interpreter_row: ConfigRow, **constexprs) -> 
     return out
 
 
-def admitted(configs: list[triton.Config], dtype: str, arch: int, head_block: int = FITS) -> list[triton.Config]:
+def admitted(configs: list[triton.Config], dtype: str, arch: int, head_block: int = NO_HEAD_DIM) -> list[triton.Config]:
     """The candidates that fit this dtype ("fp16", "bf16", "fp32"), arch (80, 90) and head block."""
     cls = "fp32" if dtype == "fp32" else "16bit"
-    return [c for c in configs
-            if c.row.dtypes in (cls, "any") and head_block <= (c.row.sm90 if arch >= 90 else c.row.sm80)]
+    return [c for c in configs if c.row.dtypes in (cls, "any") and head_block <= (
+        c.row.max_head_block_sm90 if arch >= 90 else c.row.max_head_block_sm80)]
 
 
 def select_configs(admitted: list) -> list:
@@ -103,7 +111,7 @@ def arch_of(t: torch.Tensor) -> int:
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n), the output tile of this GEMM program in grouped order: GROUP_M row blocks in a row
-    share each B column panel while it is in L2 (the ISTA and ODL kernels)."""
+    share each RHS column panel while it is in L2 (gemm.py)."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -145,7 +153,8 @@ def interp_bf16(dtype: torch.dtype) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Launching, eager and traced
+# Launching, eager and traced: each op is a registered torch.library op (what torch.compile traces
+# into) plus an eager autograd.Function twin with the same forward, setup and backward.
 # ------------------------------------------------------------------------------------------------
 def launch(kernel, traced: bool):
     """The kernel as launched inside a torch.library op (wrap_triton: torch.compile sees it) or from
@@ -153,16 +162,40 @@ def launch(kernel, traced: bool):
     return wrap_triton(kernel) if traced and not INTERPRET else kernel
 
 
-def register_op(name: str):
-    """torch.library registration: triton_op on GPUs (torch.compile traces into the kernels), an opaque
-    custom_op under the interpreter (tracing cannot run interpreted kernels on fake tensors).
+def traced_op(name: str, forward, fake):
+    """`forward`, a launcher taking `traced=`, registered as the op `name` that launches with
+    traced=True, with the fake (meta) function `fake`; its schema is forward's signature without
+    `traced`. triton_op on GPUs (torch.compile traces into the kernels); an opaque custom_op under the
+    interpreter (tracing cannot run interpreted kernels on fake tensors)."""
+    signature = inspect.signature(forward, eval_str=True)
 
-    Eager calls bypass these ops through a plain autograd.Function: on the H100 machine an eager
-    triton_op call of the attention backward (two launches) took 0.36 ms of host time, as it goes
-    through the wrap_triton higher-order op; its kernels take 0.38 ms of GPU time at CRATE-B size."""
-    if INTERPRET:
-        return custom_op(name, mutates_args=())
-    return triton_op(name, mutates_args=())
+    def body(*args):
+        return forward(*args, traced=True)
+
+    body.__name__ = body.__qualname__ = forward.__name__.lstrip("_")
+    body.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "traced"])
+    op = (custom_op if INTERPRET else triton_op)(name, mutates_args=())(body)
+    op.register_fake(fake)
+    return op
+
+
+def op_with_twin(name: str, forward, fake, setup_context, backward):
+    """(op, twin) for one forward launcher and its autograd: the registered op (traced_op, with
+    register_autograd) and its eager twin, an autograd.Function running the same launcher, setup and
+    backward (torch_ops.autograd_function). call() picks between them.
+
+    Why a twin: on the H100 machine an eager triton_op call of the attention backward (two launches)
+    took 0.36 ms of host time, as it goes through the wrap_triton higher-order op; its kernels take
+    0.38 ms of GPU time at CRATE-B size. Eager calls skip the op dispatch through the twin."""
+    op = traced_op(name, forward, fake)
+    op.register_autograd(backward, setup_context=setup_context)
+    twin_name = "".join(part.capitalize() for part in name.split("::")[-1].split("_")) + "Twin"   # MssaFwdTwin
+    return op, autograd_function(twin_name, forward, setup_context, backward)
+
+
+def call(op, twin, *args):
+    """The registered op while torch.compile traces (its graph keeps the kernels), else the eager twin."""
+    return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
 
 
 def tracing(t: torch.Tensor) -> bool:

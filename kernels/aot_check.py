@@ -2,7 +2,7 @@
 
     python -m crate_fast.kernels.aot_check [--arch 80 90] [--jobs N] [--json OUT.json]
 
-Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (ISTA, ODL) for sm_80 and
+Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (gemm.py: ISTA, ODL) for sm_80 and
 sm_90a with ``triton.compile``, runs Triton's bundled ``ptxas -v`` on the PTX, and prints registers,
 spill bytes, shared memory and (sm_90a) whether the matrix work uses wgmma and whether ptxas had to
 serialize it (warning C7511). Exits non-zero on a compile error, a register spill, or shared memory
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -23,7 +24,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 SMEM_LIMIT = {80: 166912, 90: 232448}          # max dynamic shared memory per block (A100, H100)
-DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+DTYPES = ("fp16", "bf16", "fp32")
+GEMM = "gemm._gemm_epilogue_kernel"
+
+# Kernel argument types are declared beside each kernel, in its module's AOT_SPECS (mssa.py, gemm.py):
+# pointers in "ptr" get the data dtype (or the job's ptr_dtypes) unless listed in "fp32_ptr"; "floats"
+# are float scalars; every other non-constexpr argument is an i32, and those in "div16" are multiples of
+# 16 at CRATE's shapes (strides of H*D-wide rows, widths C), so they get the divisibility hint the
+# runtime would also give; token counts such as N = 197 do not.
 
 
 @dataclass
@@ -52,34 +60,15 @@ class Result:
     problems: list = field(default_factory=list)
 
 
-# Kernel argument types. Pointers named here get the data dtype unless listed as fp32; every other
-# non-constexpr argument is an i32 unless it is a float scalar. Ints in DIV16 are multiples of 16 at
-# CRATE's shapes (strides of H*D-wide rows, widths C), so they get the divisibility hint the runtime
-# would also give; token counts such as N = 197 do not.
-SPECS = {
-    "mssa._mssa_fwd_kernel": dict(ptr=["W", "O", "LSE"], fp32_ptr=["LSE"], floats=["qk_scale"],
-                                  div16=["s_wb", "s_wh", "s_wn", "s_ob", "s_oh", "s_on"]),
-    "mssa._mssa_bwd_delta_kernel": dict(ptr=["O", "DO", "DELTA"], fp32_ptr=["DELTA"], floats=[],
-                                        div16=["s_ob", "s_oh", "s_on", "s_db", "s_dh", "s_dn"]),
-    "mssa._mssa_bwd_kernel": dict(ptr=["W", "DO", "LSE", "DELTA", "DW"], fp32_ptr=["LSE", "DELTA"],
-                                  floats=["qk_scale", "scale"],
-                                  div16=["s_wb", "s_wh", "s_wn", "s_db", "s_dh", "s_dn", "s_gb", "s_gh", "s_gn"]),
-    "ista._ista_fwd_kernel": dict(ptr=["A", "B", "X", "OUT"], fp32_ptr=[], floats=["eta", "eta_lambd"],
-                                  div16=["N", "K", "s_bk"]),
-    "odl._odl_gemm_kernel": dict(ptr=["A", "B", "X", "OUT"], fp32_ptr=[], floats=["eta", "eta_lambd"],
-                                 div16=["N", "K"]),
-}
-
-
 def _precision(dtype: str):
     return "ieee" if dtype == "fp32" else None
 
 
 def jobs(archs=(80, 90)) -> list[Job]:
     """Every configuration the dispatchers can launch."""
-    from crate_fast.kernels import ista, mssa, odl
+    from crate_fast.kernels import gemm, mssa
+    from crate_fast.kernels._dispatch import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM
     from crate_fast.kernels._triton import admitted
-    from crate_fast.kernels._utils import FP32_MAX_HEAD_DIM, MAX_HEAD_DIM
 
     out = []
     for arch in archs:
@@ -102,33 +91,26 @@ def jobs(archs=(80, 90)) -> list[Job]:
                                            cfg.num_warps, cfg.num_stages, f"{head} {_fmt(cfg.kwargs)}"))
                 out.append(Job("mssa._mssa_bwd_delta_kernel", arch, dtype,
                                dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
-            # The residual/output is the GEMM dtype, or fp32 under autocast (16-bit GEMM, fp32 stream).
-            for resid in sorted({dtype, "fp32"}):
-                fits = admitted(ista.GEMM_CONFIGS, dtype, arch)
-                if not fits:
-                    out.append(Job("ista._ista_fwd_kernel", arch, dtype, {}, 0, 0, "no config fits"))
-                for cfg in fits:
-                    out.append(Job("ista._ista_fwd_kernel", arch, dtype,
-                                   {**cfg.kwargs, "INTERP_BF16": False, "PRECISION": _precision(dtype)},
-                                   cfg.num_warps, cfg.num_stages, f"x:{resid} {_fmt(cfg.kwargs)}",
-                                   {"X": resid, "OUT": resid}))
-            # ODL: the codes' epilogues read and write the GEMM dtype; the last GEMM's residual and output
-            # are the GEMM dtype, or fp32 under autocast, as ISTA's.
-            variants = [(e, dtype) for e in odl.EPILOGUES if e != "out_residual"]
-            variants += [("out_residual", resid) for resid in sorted({dtype, "fp32"})]
-            fits = admitted(odl.GEMM_CONFIGS, dtype, arch)
+            # The GEMM: every epilogue reads and writes the GEMM dtype; those on the residual stream
+            # (ISTA's x, ODL's residual) also fp32 (16-bit GEMMs under autocast, an fp32 stream).
+            fits = admitted(gemm.GEMM_CONFIGS, dtype, arch)
             if not fits:
-                out.append(Job("odl._odl_gemm_kernel", arch, dtype, {}, 0, 0, "no config fits"))
-            for epilogue, resid in variants:
-                for cfg in fits:
-                    out.append(Job("odl._odl_gemm_kernel", arch, dtype,
-                                   {**cfg.kwargs, "EPILOGUE": epilogue, "B_T": odl.B_TRANSPOSED[epilogue],
-                                    "INTERP_BF16": False, "PRECISION": _precision(dtype)},
-                                   cfg.num_warps, cfg.num_stages, f"{epilogue} x:{resid} {_fmt(cfg.kwargs)}",
-                                   {"X": resid, "OUT": resid}))
-    # Under torch.compile the same kernels are launched by inductor with fp64 float scalars.
+                out.append(Job(GEMM, arch, dtype, {}, 0, 0, "no config fits"))
+            for epilogue in gemm.EPILOGUES:
+                for stream in (sorted({dtype, "fp32"}) if epilogue in gemm.STREAM_EPILOGUES else [dtype]):
+                    for cfg in fits:
+                        out.append(Job(GEMM, arch, dtype,
+                                       {**cfg.kwargs, "EPILOGUE": epilogue, "RHS_T": epilogue in gemm.RHS_TRANSPOSED,
+                                        "INTERP_BF16": False, "PRECISION": _precision(dtype)},
+                                       cfg.num_warps, cfg.num_stages, f"{epilogue} x:{stream} {_fmt(cfg.kwargs)}",
+                                       {"X": stream, "OUT": stream}))
+    # Under torch.compile the same kernels are launched by inductor with fp64 float scalars: one job per
+    # kernel and epilogue.
+    replicated = set()
     for j in [j for j in out if j.arch == 90 and j.dtype == "bf16" and j.constexprs]:
-        if not any(k.kernel == j.kernel and k.float_type == "fp64" for k in out):
+        variant = (j.kernel, j.constexprs.get("EPILOGUE"))
+        if variant not in replicated:
+            replicated.add(variant)
             out.append(dataclasses.replace(j, float_type="fp64", label=j.label + " fp64-scalars"))
     return out
 
@@ -143,8 +125,6 @@ def _ptxas() -> str:
 
 
 def run_job(job: Job) -> Result:
-    import importlib
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -154,10 +134,11 @@ def run_job(job: Job) -> Result:
         res.problems.append("no admitted config")
         return res
     try:
-        mod_name, fn_name = job.kernel.split(".")
-        kernel = getattr(importlib.import_module(f"crate_fast.kernels.{mod_name}"), fn_name)
+        module_name, fn_name = job.kernel.split(".")
+        module = importlib.import_module(f"crate_fast.kernels.{module_name}")
+        kernel = getattr(module, fn_name)
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel   # unwrap autotune
-        spec = SPECS[job.kernel]
+        spec = module.AOT_SPECS[fn_name]
         sig, attrs = {}, {}
         for i, p in enumerate(fn.params):
             n = p.name

@@ -28,6 +28,7 @@ from ._triton import (
     ConfigRow,
     admitted,
     arch_of,
+    call,
     cast,
     configs,
     dot,
@@ -35,8 +36,9 @@ from ._triton import (
     dtype_name,
     interp_bf16,
     launch,
-    register_op,
+    op_with_twin,
     select_configs,
+    traced_op,
     tracing,
 )
 
@@ -47,36 +49,35 @@ DELTA_BLOCK_M = 16 if INTERPRET else 64
 
 # ------------------------------------------------------------------------------------------------
 # Autotune candidates. The short-sequence regime (N ~ 65-257) is what CRATE runs, so small key blocks
-# (less padding waste at N = 197) are in every table. sm80/sm90: the largest head block each row fits
-# (ConfigRow). fp32 runs IEEE fp32 dots (FMA, no tensor cores) whose operands take far more registers:
-# small tiles, and a single backward loop.
+# (less padding waste at N = 197) are in every table. fp32 runs IEEE fp32 dots (FMA, no tensor cores)
+# whose operands take far more registers: small tiles, and a single backward loop.
+# Columns (ConfigRow): dtypes, blocks, warps, stages, and the largest head block that compiles without
+# spills on sm_80 and on sm_90a (max_head_block_sm80, max_head_block_sm90).
 # ------------------------------------------------------------------------------------------------
 _FWD_ROWS = [
-    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=64), warps=4, stages=2, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=32), warps=4, stages=3, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=64), warps=8, stages=2, sm80=128, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=32), warps=8, stages=3, sm80=128, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=16), warps=4, stages=2, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_M=32, BLOCK_N=32), warps=4, stages=2, sm80=128, sm90=128),
-    ConfigRow("fp32", dict(BLOCK_M=16, BLOCK_N=16), warps=8, stages=1, sm80=64, sm90=64),
-    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=16), warps=4, stages=2, sm80=64, sm90=32),
-    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=32), warps=4, stages=2, sm80=32, sm90=16),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=64), 4, 2, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=32), 4, 3, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=64), 8, 2, 128, 128),
+    ConfigRow("16bit", dict(BLOCK_M=128, BLOCK_N=32), 8, 3, 128, 128),
+    ConfigRow("16bit", dict(BLOCK_M=64, BLOCK_N=16), 4, 2, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_M=32, BLOCK_N=32), 4, 2, 128, 128),
+    ConfigRow("fp32", dict(BLOCK_M=16, BLOCK_N=16), 8, 1, 64, 64),
+    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=16), 4, 2, 64, 32),
+    ConfigRow("fp32", dict(BLOCK_M=32, BLOCK_N=32), 4, 2, 32, 16),
 ]
 _BWD_ROWS = [
-    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=16), warps=4, stages=2, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=32), warps=8, stages=2, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=32), warps=4, stages=2, sm80=64, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=16), warps=8, stages=2, sm80=128, sm90=128),
-    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=64), warps=4, stages=2, sm80=64, sm90=64),
-    ConfigRow("16bit", dict(BLOCK_J=32, BLOCK_I=32), warps=4, stages=2, sm80=128, sm90=128),
-    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), warps=4, stages=1, sm80=64, sm90=64),
-    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), warps=8, stages=1, sm80=64, sm90=64),
-    ConfigRow("fp32", dict(BLOCK_J=32, BLOCK_I=16), warps=4, stages=2, sm80=32, sm90=32),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=16), 4, 2, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=32), 8, 2, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=32), 4, 2, 64, 128),
+    ConfigRow("16bit", dict(BLOCK_J=128, BLOCK_I=16), 8, 2, 128, 128),
+    ConfigRow("16bit", dict(BLOCK_J=64, BLOCK_I=64), 4, 2, 64, 64),
+    ConfigRow("16bit", dict(BLOCK_J=32, BLOCK_I=32), 4, 2, 128, 128),
+    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), 4, 1, 64, 64),
+    ConfigRow("fp32", dict(BLOCK_J=16, BLOCK_I=16), 8, 1, 64, 64),
+    ConfigRow("fp32", dict(BLOCK_J=32, BLOCK_I=16), 4, 2, 32, 32),
 ]
-FWD_CONFIGS = configs(_FWD_ROWS, ConfigRow("any", dict(BLOCK_M=32, BLOCK_N=16), warps=4, stages=1,
-                                       sm80=128, sm90=128))
-BWD_CONFIGS = configs(_BWD_ROWS, ConfigRow("any", dict(BLOCK_J=32, BLOCK_I=16), warps=4, stages=1,
-                                       sm80=128, sm90=128))
+FWD_CONFIGS = configs(_FWD_ROWS, ConfigRow("any", dict(BLOCK_M=32, BLOCK_N=16), 4, 1, 128, 128))
+BWD_CONFIGS = configs(_BWD_ROWS, ConfigRow("any", dict(BLOCK_J=32, BLOCK_I=16), 4, 1, 128, 128))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -230,7 +231,7 @@ def _bwd_block(acc, w_j, do_j, lse_j, delta_j, W, DO, LSE, DELTA, start, offs_d,
 @triton.jit
 def _mssa_bwd_kernel(
     W, DO, LSE, DELTA, DW,                       # w, do, dw: (B, H, N, D) strided; lse, delta: (B*H, N)
-    s_wb, s_wh, s_wn, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
+    s_wb, s_wh, s_wn, s_db, s_dh, s_dn, s_dwb, s_dwh, s_dwn,
     H, N, D, qk_scale, scale,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ONE_LOOP: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
@@ -266,8 +267,21 @@ def _mssa_bwd_kernel(
                              qk_scale, scale, BLOCK_I, True, EVEN_D, INTERP_BF16, PRECISION)
 
     mask = (offs_j[:, None] < N) & (offs_d[None, :] < D)
-    tl.store(DW + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + offs_j[:, None] * s_gn + offs_d[None, :],
+    tl.store(DW + b.to(tl.int64) * s_dwb + h.to(tl.int64) * s_dwh + offs_j[:, None] * s_dwn + offs_d[None, :],
              cast(acc, DW.dtype.element_ty, INTERP_BF16), mask=mask)
+
+
+# Argument types for aot_check.py: pointers take the data dtype (LSE and DELTA are fp32), the named
+# floats are scalars, and every stride is a multiple of 16 at CRATE's shapes (rows of H * D elements).
+AOT_SPECS = {
+    "_mssa_fwd_kernel": dict(ptr=["W", "O", "LSE"], fp32_ptr=["LSE"], floats=["qk_scale"],
+                             div16=["s_wb", "s_wh", "s_wn", "s_ob", "s_oh", "s_on"]),
+    "_mssa_bwd_delta_kernel": dict(ptr=["O", "DO", "DELTA"], fp32_ptr=["DELTA"], floats=[],
+                                   div16=["s_ob", "s_oh", "s_on", "s_db", "s_dh", "s_dn"]),
+    "_mssa_bwd_kernel": dict(ptr=["W", "DO", "LSE", "DELTA", "DW"], fp32_ptr=["LSE", "DELTA"],
+                             floats=["qk_scale", "scale"],
+                             div16=["s_wb", "s_wh", "s_wn", "s_db", "s_dh", "s_dn", "s_dwb", "s_dwh", "s_dwn"]),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,26 +326,13 @@ def _mssa_backward(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torc
 # ------------------------------------------------------------------------------------------------
 # torch.library ops + autograd (torch.compile keeps them in its graph), and the eager twin
 # ------------------------------------------------------------------------------------------------
-@register_op("crate_fast::mssa_fwd")
-def mssa_fwd(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mssa_forward(w, scale, traced=True)
+# The backward launch as an op of its own, for graphs that trace the backward.
+mssa_bwd = traced_op("crate_fast::mssa_bwd", _mssa_backward, fake=lambda w, o, lse, do, scale: torch.empty_like(w))
 
 
-@mssa_fwd.register_fake
-def _(w, scale):
+def _fake_forward(w, scale):
     B, H, N, _ = w.shape
     return torch.empty_like(w), w.new_empty(B * H, N, dtype=torch.float32)
-
-
-@register_op("crate_fast::mssa_bwd")
-def mssa_bwd(w: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-             scale: float) -> torch.Tensor:
-    return _mssa_backward(w, o, lse, do, scale, traced=True)
-
-
-@mssa_bwd.register_fake
-def _(w, o, lse, do, scale):
-    return torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
@@ -349,21 +350,8 @@ def _backward(ctx, do, _dlse):
     return backward(w, o, lse, do, ctx.scale), None
 
 
-mssa_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _MSSATriton(torch.autograd.Function):
-    """mssa_fwd and its autograd for eager calls, without the torch.library dispatch (see register_op)."""
-
-    # forward(ctx, ...) calls the shared setup itself (a separate setup_context costs an
-    # inspect.signature bind per call, torch_ops._ISTAApply).
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out = _mssa_forward(w, scale)
-        _setup_context(ctx, (w, scale), out)
-        return out
-
-    backward = staticmethod(_backward)
+mssa_fwd, mssa_fwd_twin = op_with_twin("crate_fast::mssa_fwd", _mssa_forward, fake=_fake_forward,
+                                     setup_context=_setup_context, backward=_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,6 +362,4 @@ def mssa_attention_triton(w: torch.Tensor, scale: float) -> torch.Tensor:
     """w: (B, H, N, D) -> (B, H, N, D) on the fused kernels. Attention dropout is not supported."""
     if w.stride(-1) != 1:
         w = w.contiguous()
-    if torch.compiler.is_compiling():
-        return mssa_fwd(w, scale)[0]
-    return _MSSATriton.apply(w, scale)[0]
+    return call(mssa_fwd, mssa_fwd_twin, w, scale)[0]

@@ -15,6 +15,27 @@ from torch.autograd.function import once_differentiable
 
 
 # ---------------------------------------------------------------------------------------------------
+# One forward, setup and backward as an autograd.Function (no triton here: CPU-only installs use it too)
+# ---------------------------------------------------------------------------------------------------
+def autograd_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function `name` whose forward(ctx, *inputs) runs output = forward(*inputs) and then
+    setup_context(ctx, inputs, output), with the given backward: one forward, setup and backward shared
+    by a torch.library op's registration and plain Functions (_ISTAApply and _ODL here; the Triton ops'
+    eager twins, _triton.op_with_twin).
+
+    forward calls the setup itself: a Function with a separate setup_context binds its arguments through
+    inspect.signature on every call (measured ~30 us of host time per call)."""
+    def run(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run), "backward": staticmethod(backward),
+                                                   "__module__": __name__, "__qualname__": name,
+                                                   "__doc__": f"{forward.__name__} with its autograd."})
+
+
+# ---------------------------------------------------------------------------------------------------
 # MSSA: tied q = k = v attention.  O = softmax(scale * w w^T) w
 # Backward with P = softmax rows:
 #   dP = dO w^T ; dS = P * (dP - rowsum(dP * P)) ; dw = P^T dO + scale * (dS + dS^T) w
@@ -128,7 +149,8 @@ def ista_apply_forward(x: torch.Tensor, xc: torch.Tensor | None, a: torch.Tensor
     return out.sub_(step_size * lambd).relu_()
 
 
-# The autograd of the apply step, shared by _ISTAApply here and by ista.py's op and its eager twin.
+# The autograd of the apply step, shared by _ISTAApply here and by ista.py's op and its eager twin
+# (autograd_function).
 def ista_apply_setup_context(ctx, inputs, output):
     x, xc, a, step_size, _ = inputs
     # out is the next layer's input, kept alive anyway: saving it costs no memory, and its sign is the
@@ -150,16 +172,7 @@ def ista_apply_backward(ctx, dout: torch.Tensor):
     return torch.addmm(g, gc, a.t(), alpha=ctx.step_size), None, da, None, None
 
 
-class _ISTAApply(torch.autograd.Function):
-    # forward(ctx, ...) calls the shared setup itself: a Function with a separate setup_context binds
-    # its arguments through inspect.signature on every call (measured ~30 us of host time per call).
-    @staticmethod
-    def forward(ctx, x, xc, a, step_size, lambd):
-        out = ista_apply_forward(x, xc, a, step_size, lambd)
-        ista_apply_setup_context(ctx, (x, xc, a, step_size, lambd), out)
-        return out
-
-    backward = staticmethod(ista_apply_backward)
+_ISTAApply = autograd_function("_ISTAApply", ista_apply_forward, ista_apply_setup_context, ista_apply_backward)
 
 
 class _ISTADirect(torch.autograd.Function):
@@ -306,16 +319,7 @@ def odl_backward(ctx, dout: torch.Tensor, _da2: torch.Tensor | None = None):
     return dx, dd, dd1, dres, None, None
 
 
-class _ODL(torch.autograd.Function):
-    # forward(ctx, ...) calls the shared setup itself (a separate setup_context costs an
-    # inspect.signature bind per call, _ISTAApply).
-    @staticmethod
-    def forward(ctx, xc, dc, d1c, residual, step_size, lambd):
-        out = odl_forward(xc, dc, d1c, residual, step_size, lambd)
-        odl_setup_context(ctx, (xc, dc, d1c, residual, step_size, lambd), out)
-        return out
-
-    backward = staticmethod(odl_backward)
+_ODL = autograd_function("_ODL", odl_forward, odl_setup_context, odl_backward)
 
 
 def odl_operands(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, residual: torch.Tensor | None,

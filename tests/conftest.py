@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any @triton.jit kernel is defined; crate_fast imports its Triton
 modules lazily, so setting it here (after torch, before the kernels) is early enough.
 """
+import math
 import os
 
 import pytest
@@ -47,3 +48,15 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every float buffer the kernels allocate starts as NaN, so an unwritten element shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))

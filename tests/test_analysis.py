@@ -661,7 +661,10 @@ def test_cli_with_an_official_checkpoint(tmp_path):
 
 
 def test_cli_with_crate_alpha_and_crate_mae_run_checkpoints(tmp_path):
-    from crate_fast.analyze import load_images, load_model, main
+    from crate_fast.analysis.__main__ import main
+    from crate_fast.analysis.images import load_images
+    from crate_fast.checkpoint import load_model
+    from crate_fast.io import read_weights
     alpha = tiny_run_checkpoint(tmp_path, "crate_alpha_tiny", "alpha.pt")          # 12 layers, 3 heads
     out = tmp_path / "alpha"
     assert main(["--ckpt", str(alpha), "--out", str(out), "--images", "digits", "--heads", "2"]) == 0
@@ -676,7 +679,7 @@ def test_cli_with_crate_alpha_and_crate_mae_run_checkpoints(tmp_path):
     assert main(["--ckpt", str(mae), "--out", str(out), "--images", "digits", "--size", "40", "--seed", "3"]) == 0
     stats = _check_outputs(out, 6, extra=["reconstruction.png"])
     assert stats["family"] == "crate_mae" and stats["sparsity_of"] == "ISTA output" and stats["image_size"] == 40
-    model, data = load_model(str(mae), None, 224, 16)
+    model, data = load_model(str(mae), None, 224, 16), read_weights(str(mae)).run_config["data"]
     assert data == "digits" and model.config.norm_pix_loss and model.config.mask_ratio == 0.5
     want = mae_reconstruction(model, load_images(["digits"], 32)[0], 0.5, seed=3)["loss"]
     assert stats["reconstruction"] == {"mask_ratio": 0.5, "seed": 3, "loss": pytest.approx(want, rel=1e-6),
@@ -684,18 +687,18 @@ def test_cli_with_crate_alpha_and_crate_mae_run_checkpoints(tmp_path):
 
 
 def test_load_model_reads_official_files_of_every_family(tmp_path):
-    from crate_fast.analyze import load_model
+    from crate_fast.checkpoint import load_model
     torch.manual_seed(0)
     alpha = create_model("crate_alpha_tiny", num_classes=7, img_size=32, patch_size=8)
     torch.save(to_official_state_dict(alpha), tmp_path / "alpha.pth")
-    got, data = load_model(str(tmp_path / "alpha.pth"), "crate_alpha_tiny", 32, 8)
-    assert data is None and got.config.num_classes == 7
+    got = load_model(str(tmp_path / "alpha.pth"), "crate_alpha_tiny", 32, 8)
+    assert got.config.num_classes == 7
     assert all(torch.equal(v, got.state_dict()[k]) for k, v in alpha.state_dict().items())
     # FAIR's container (the released CRATE-MAE file's): training arguments as an argparse.Namespace.
     mae = create_model("mae_crate_tiny", img_size=32, patch_size=8)
     args = argparse.Namespace(norm_pix_loss=True, mask_ratio=0.6, blr=1.5e-4)
     torch.save({"model": to_official_state_dict(mae), "epoch": 799, "args": args}, tmp_path / "mae.pth")
-    got, _ = load_model(str(tmp_path / "mae.pth"), "mae_crate_tiny", 32, 8)
+    got = load_model(str(tmp_path / "mae.pth"), "mae_crate_tiny", 32, 8)
     assert got.config.norm_pix_loss and got.config.mask_ratio == 0.6
     assert all(torch.equal(v, got.state_dict()[k]) for k, v in mae.state_dict().items())
     with pytest.raises(ValueError, match="unknown model"):
@@ -739,7 +742,7 @@ def test_attention_overlay_shares_the_pictures_pixel_grid():
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from crate_fast.analyze import overlay
+    from crate_fast.analysis.plots import overlay
     fig, ax = plt.subplots()
     overlay(ax, np.zeros((32, 48, 3), np.uint8), np.random.default_rng(0).random((4, 6)))
     picture, heat = ax.get_images()
@@ -751,7 +754,7 @@ def test_default_pictures_are_scikit_images_bundled_photographs():
     """Without --images the CLI draws scikit-image's photographs (bundled, no download): every name must
     exist in the installed scikit-image (0.26 dropped motorcycle_left: the CLI crashed there)."""
     pytest.importorskip("skimage")
-    from crate_fast.analyze import PHOTOS, load_images
+    from crate_fast.analysis.images import PHOTOS, load_images
 
     x, pics = load_images(None, 32)
     assert x.shape == (len(PHOTOS), 3, 32, 32) and pics.shape == (len(PHOTOS), 32, 32, 3) and pics.dtype == np.uint8

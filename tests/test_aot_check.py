@@ -15,7 +15,10 @@ def test_aot_check_passes(tmp_path):
     results = json.load(open(out))
     kernels = {r["job"]["kernel"] for r in results}
     assert kernels == {"mssa._mssa_fwd_kernel", "mssa._mssa_bwd_kernel", "mssa._mssa_bwd_delta_kernel",
-                       "ista._ista_fwd_kernel", "odl._odl_gemm_kernel"}
+                       "gemm._gemm_epilogue_kernel"}
+    # The GEMM is checked with ISTA's epilogue and ODL's four (five with the residual).
+    epilogues = {r["job"]["constexprs"].get("EPILOGUE") for r in results if r["job"]["kernel"].startswith("gemm.")}
+    assert epilogues == {"ista", "a1", "e", "a2", "out", "out_residual"}
     assert {r["job"]["arch"] for r in results} == {80, 90}
     # The 16-bit matrix work of 64-row tiles runs on Hopper's wgmma, never serialized.
     big = [r for r in results if r["job"]["arch"] == 90 and r["job"]["dtype"] == "bf16"

@@ -4,8 +4,9 @@ import torch
 from harness import assert_rel
 from official_crate import official_small
 
-from crate_fast import create_model, load_official_state_dict, to_official_state_dict
-from crate_fast.checkpoint import crate_fast_key, official_key
+import crate_fast
+from crate_fast import create_model, load_official_state_dict, load_weights, to_official_state_dict
+from crate_fast.models.keys import crate_fast_key, official_key
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ class _Exploit:
 
 def test_a_pickled_callable_is_refused_and_never_runs(official, tmp_path):
     from crate_fast import load_weights, read_checkpoint
-    from crate_fast.checkpoint import UnsafeCheckpointError
+    from crate_fast.io import UnsafeCheckpointError
     marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"state_dict": official.state_dict(), "args": _Exploit(marker)}, path)
     model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
@@ -169,14 +170,14 @@ def test_bad_files_get_clear_errors(tmp_path):
         read_checkpoint(tmp_path / "junk.safetensors")
 
 
-def test_ignore_skips_named_keys_and_is_strict_about_them(official, capsys):
+def test_ignore_skips_named_keys_and_is_strict_about_them(official, caplog):
     sd = dict(official.state_dict())
     sd["head.weight"], sd["head.bias"] = torch.zeros(3, 576), torch.zeros(3)    # a head the model lacks
     model = create_model("crate_small", num_classes=10, img_size=32, patch_size=4)
     with pytest.raises(RuntimeError, match="(?s)unexpected keys .2.: head.weight, head.bias.*ignore="):
         load_official_state_dict(model, sd)
     load_official_state_dict(model, sd, ignore=["head.weight", "head.bias"])
-    assert "skipped 2 key(s) named in ignore: head.bias, head.weight" in capsys.readouterr().err
+    assert "skipped 2 key(s) named in ignore: head.bias, head.weight" in caplog.text
     with pytest.raises(ValueError, match="ignore names keys the file does not have: head.typo"):
         load_official_state_dict(model, sd, ignore=["head.typo"])
 
@@ -209,7 +210,7 @@ def test_the_colab_demo_layout_loads_and_gives_the_official_logits(tmp_path):
 
 
 def test_an_unknown_layout_names_the_closest_known_file():
-    from crate_fast.released import identify
+    from crate_fast.checkpoint import identify
     with torch.device("meta"):
         sd = to_official_state_dict(create_model("crate_small", num_classes=100))
     with pytest.raises(ValueError, match=r"closest: crate_small_in1k .*shapes 2: mlp_head.1.weight: \(100, 576\) vs "
@@ -263,3 +264,53 @@ def test_loader_input_mistakes_get_clear_errors(tmp_path):
     load_weights(headless, model.state_dict(), reset_head=True)        # a classifier checkpoint into a backbone
     with pytest.raises(RuntimeError, match="unexpected keys .2.: head.weight, head.bias"):
         load_weights(headless, model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Position tables are resized from the grid the file was trained on (bug hunt C21)
+# ---------------------------------------------------------------------------------------------------
+def _oracle_resize(table, old, new):
+    """bicubic F.interpolate of the patch rows from grid `old` to grid `new`, CLS row kept."""
+    grid = table[:, 1:].reshape(1, *old, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1)
+
+
+def _tiny(img_size):
+    return create_model("crate_tiny", num_classes=10, img_size=img_size, patch_size=4, depth=1)
+
+
+def test_a_table_of_the_same_count_but_another_grid_is_resized_from_the_file_grid(tmp_path, caplog):
+    torch.manual_seed(0)
+    src = _tiny(32)                                                   # 8x8 = 64 positions
+    with torch.no_grad():
+        src.pos_embed.normal_()
+    dst = load_weights(_tiny((16, 64)), src.state_dict())             # 4x16 = 64 positions too
+    torch.testing.assert_close(dst.pos_embed, _oracle_resize(src.pos_embed, (8, 8), (4, 16)))
+    assert "from a 8x8 to a 4x16 patch grid" in caplog.text and "taken as square" in caplog.text
+    # crate-fast's own files record their grid: a 4x16 run into a 4x4 model is resized from 4x16, not 8x8
+    run = _tiny((16, 64))
+    with torch.no_grad():
+        run.pos_embed.normal_()
+    crate_fast.save_weights(run, tmp_path / "model.safetensors")
+    torch.save({"model": run.state_dict(), "config": {"arch": "crate_tiny", "img_size": [16, 64], "patch_size": 4}},
+               tmp_path / "last.pt")
+    for path in ("model.safetensors", "last.pt"):
+        caplog.clear()
+        got = load_weights(_tiny(16), str(tmp_path / path))
+        torch.testing.assert_close(got.pos_embed, _oracle_resize(run.pos_embed, (4, 16), (4, 4)))
+        assert "from a 4x16 to a 4x4 patch grid (the file's grid recorded in the file)" in caplog.text, path
+    # the same grid recorded: loaded as is, no report
+    caplog.clear()
+    assert torch.equal(load_weights(_tiny((16, 64)), str(tmp_path / "model.safetensors")).pos_embed, run.pos_embed)
+    assert "resized" not in caplog.text
+
+
+def test_a_table_of_unknown_non_square_grid_is_an_error_naming_pos_grid():
+    run = _tiny((16, 48))                                             # 4x12 = 48 positions, not a square
+    with pytest.raises(ValueError, match=r"48 patch positions, not a square grid.*pos_grid"):
+        load_weights(_tiny(16), run.state_dict())
+    got = load_weights(_tiny(16), run.state_dict(), pos_grid=(4, 12))
+    torch.testing.assert_close(got.pos_embed, _oracle_resize(run.pos_embed, (4, 12), (4, 4)))
+    with pytest.raises(ValueError, match="a 5x5 grid .* does not hold"):
+        load_weights(_tiny(16), run.state_dict(), pos_grid=(5, 5))

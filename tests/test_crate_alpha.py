@@ -9,9 +9,10 @@ from official_crate_alpha import OfficialCRATEAlpha, official_base, official_lar
 from tolerances import FP64_RTOL
 
 import crate_fast
-import crate_fast.optim
+import crate_fast.training.optim
 from crate_fast import create_model, load_official_state_dict, to_official_state_dict
 from crate_fast.layers import resample_pos_embed, resize_patch_kernel
+from crate_fast.models.keys import official_key
 
 # Small CRATE-alpha: head dims 48 and 64, 17 or 65 tokens, odd batch.
 SMALL = [dict(dim=96, heads=2, img_size=16, patch_size=4),    # dim_head 48, N = 17
@@ -90,7 +91,7 @@ def test_gradients_float64(cfg):
     for impl in ("reference", "torch"):
         _, ours = pair(cfg, impl, dtype=torch.float64)
         (ours(x) * g).sum().backward()
-        grads = {crate_fast.checkpoint.official_key(ours, n): p.grad for n, p in ours.named_parameters()}
+        grads = {official_key(ours, n): p.grad for n, p in ours.named_parameters()}
         assert grads.keys() == truth.keys()
         for k, t in truth.items():
             assert t.abs().max() > 0, k
@@ -130,7 +131,7 @@ def test_strict_loading_lists_what_differs():
         load_official_state_dict(model, sd)
 
 
-def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions(capsys):
+def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions(caplog):
     """A /8 checkpoint seeds a /4 model: the stem kernel resized bilinearly (antialiased when shrinking,
     as jax.image.resize), the position grid resampled as scipy.ndimage.zoom(order=1), the head reset."""
     torch.manual_seed(0)
@@ -141,7 +142,7 @@ def test_finetuning_at_another_patch_size_resizes_the_stem_and_positions(capsys)
     assert torch.equal(model.patch_embed.proj.weight, resize_patch_kernel(sd["conv1.weight"], (4, 4)))
     assert torch.equal(model.pos_embed, resample_pos_embed(sd["pos_embedding"], (4, 4), (8, 8), "zoom"))
     assert torch.equal(model.blocks[0].odl.D, sd["transformer.layers.0.1.fn.D"])
-    report = capsys.readouterr().err                      # never silently: the resizes are reported
+    report = caplog.text                                  # never silently: the resizes are reported
     assert "pos_embedding from a 4x4 to a 8x8 patch grid" in report and "conv1.weight from 8x8 to 4x4" in report
     # CRATE's patch embedding is a Linear: another patch size stays an error there
     crate_src = create_model("crate_tiny", num_classes=5, depth=1, dim=64, heads=2, img_size=32, patch_size=8)
@@ -182,7 +183,7 @@ def test_weight_decay_mask_is_the_official_recipes():
     decayed = {n for n, _ in m.named_parameters()} - m.no_weight_decay()
     assert decayed == {"patch_embed.proj.weight", "head.weight"} | {
         f"blocks.{i}.attn.{p}.weight" for i in range(2) for p in ("qkv", "out")}
-    groups = crate_fast.optim.param_groups(m, 0.1, True)
+    groups = crate_fast.training.optim.param_groups(m, 0.1, True)
     assert sum(p.numel() for p in groups[0]["params"]) == sum(p.numel() for n, p in m.named_parameters()
                                                               if n in decayed)
 
@@ -201,7 +202,7 @@ def test_config_checks_and_head_norm_eps():
 
 def test_released_files_are_known_and_load_in_one_call(tmp_path):
     """The port's raw state_dicts of B/16 and L/14 (layout built on the meta device) are identified."""
-    from crate_fast.released import RELEASED, identify
+    from crate_fast import RELEASED, identify
 
     for name, official in (("crate_alpha_base_in1k", official_base), ("crate_alpha_large_in1k", official_large)):
         with torch.device("meta"):

@@ -4,10 +4,12 @@ decoding, the converted-data cache, batch transforms.
 Only the tests marked ffcv need FFCV; the rest (normalization, sample order, image decoding, the
 torchvision fallback, digits arrays, argument errors) run without it.
 """
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -536,7 +538,7 @@ def test_train_and_val_class_folders_must_agree(tmp_path, image_folder):
 
 
 @pytest.mark.ffcv
-def test_converted_folder_cache_follows_the_folder(tmp_path, capsys):
+def test_converted_folder_cache_follows_the_folder(tmp_path, caplog):
     """The cached .beton of a train/ + val/ folder pair is keyed by the folders' contents: after images
     and a class are added, or a file rewritten, the next build converts again (saying so) and drops
     the outdated entry. Before, training kept reading the old samples while num_classes changed."""
@@ -547,12 +549,15 @@ def test_converted_folder_cache_follows_the_folder(tmp_path, capsys):
         for seed, cls in enumerate(("a", "b")):
             _noise_images(data / split / cls, count, seed=seed)
     opts = LoaderOptions(batch_size=2, img_size=16, num_workers=1, device=torch.device("cpu"))
+    caplog.set_level(logging.INFO, logger="crate_fast.data")
 
     def build():
+        caplog.clear()
         made = build_loaders(str(data), opts, cache_dir=str(cache))
-        return made.num_classes, made.train.num_samples, made.val.num_samples, capsys.readouterr().out
+        said = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("crate_fast.data"))
+        return made.num_classes, made.train.num_samples, made.val.num_samples, said
     classes, n_train, n_val, said = build()
-    assert (classes, n_train, n_val) == (2, 8, 4) and "[data] converting" in said
+    assert (classes, n_train, n_val) == (2, 8, 4) and f"converting {data} into" in said
     assert build()[:3] == (2, 8, 4) and build()[3] == ""                      # unchanged: reused, silently
     _noise_images(data / "train" / "a", 2, seed=5, start=4)
     for split, count in (("train", 3), ("val", 1)):
@@ -713,3 +718,202 @@ def test_torchvision_dataset_without_network_is_a_clear_error(tmp_path, monkeypa
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(RuntimeError, match="could not be downloaded.*copy torchvision's cifar10 files"):
         sources._torchvision_set("cifar10", str(tmp_path), train=True)
+
+
+def _png(path, value: int = 0, size=(16, 16)) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+
+
+def test_scan_follows_symlinked_folders_once_as_torchvision(tmp_path):
+    """C26: images under a symlinked subfolder of a class were left out, and listed nowhere. The scan
+    now lists the files torchvision's ImageFolder lists (it walks with followlinks=True), each once per
+    class: torchvision loops through a link cycle (each file again at every level, until the kernel's
+    link limit) and lists a file reached by two ways twice. folder_fingerprint sees the same files."""
+    tvd = pytest.importorskip("torchvision.datasets")
+    from crate_fast.data.folders import folder_fingerprint, scan_image_folder
+
+    root, extra = tmp_path / "train", tmp_path / "extra"
+    for path in (root / "cat" / "a.png", root / "cat" / "sub" / "s.png", root / "dog" / "d.png",
+                 extra / "x1.png", extra / "x2.png"):
+        _png(path)
+    os.symlink(extra, root / "cat" / "more")              # a symlinked subfolder of a class
+    os.symlink("..", root / "cat" / "sub" / "back")       # a cycle: cat/sub/back is cat/
+    os.symlink("a.png", root / "cat" / "b.png")           # a.png, reachable twice
+    os.symlink(extra, root / "dog" / "again")             # the same folder in another class: listed there too
+    truth = {(os.path.realpath(p), label) for p, label in tvd.ImageFolder(str(root)).samples}
+    scan = scan_image_folder(str(root), progress=False)
+    listed = [(os.path.realpath(p), label) for p, label in scan.samples]
+    assert sorted(listed) == sorted(truth) and len(listed) == len(set(listed)) == 7
+    assert scan.skipped == [], "nothing may be left out"
+    before = folder_fingerprint(str(root))
+    _png(extra / "x1.png", value=9, size=(17, 16))        # rewritten behind the link
+    assert folder_fingerprint(str(root)) != before
+
+
+@pytest.mark.ffcv
+def test_beton_pair_written_from_different_class_folders_is_refused(tmp_path, caplog):
+    """C30: train.beton from {ant, bee, cat} and val.beton from {ant, cat} (two write_ffcv calls) gave
+    every val cat image label 1, bee in training, silently. Each .beton now records its class names
+    (OUT.classes.json), and a pair whose names differ is refused, naming the classes and the fix; a
+    pair without records loads with a warning that nothing could be checked."""
+    from crate_fast.data import LoaderOptions, beton_classes, build_loaders
+    from crate_fast.data.records import record_path
+
+    src, betons = tmp_path / "src", tmp_path / "betons"
+    for split, names in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for seed, cls in enumerate(names):
+            _noise_images(src / split / cls, 2, seed=seed)
+
+    def write(split):
+        write_image_folder(str(src / split), str(betons / f"{split}.beton"), workers=1, progress=False,
+                           max_resolution=None)
+    write("train")
+    write("val")
+    opts = LoaderOptions(batch_size=2, img_size=16, num_workers=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"different class names \(only in train.beton: bee\).*empty folder.*"
+                                         r"python -m crate_fast.data.write_ffcv"):
+        build_loaders(str(betons), opts)
+    os.makedirs(src / "val" / "bee")                      # the fix: the same class folders, one of them empty
+    write("val")
+    assert beton_classes(str(betons / "val.beton")) == ["ant", "bee", "cat"]
+    made = build_loaders(str(betons), opts)
+    assert made.num_classes == 3 and sorted(torch.cat([y for _, y in made.val]).tolist()) == [0, 0, 2, 2]
+    # Without a usable record (none, or one of another file): loaded as before, with a warning.
+    caplog.set_level(logging.WARNING, logger="crate_fast.data")
+    os.remove(record_path(str(betons / "val.beton")))
+    assert build_loaders(str(betons), opts).num_classes == 3
+    assert "cannot check that train.beton and val.beton use the same class names: val.beton has no" in caplog.text
+    caplog.clear()
+    write("val")
+    write_beton([(np.zeros((8, 8, 3), np.uint8), 0)] * 5, str(tmp_path / "other.beton"), max_resolution=None)
+    os.replace(tmp_path / "other.beton", betons / "train.beton")    # replaced by a file its record does not describe
+    assert beton_classes(str(betons / "train.beton")) is None
+    build_loaders(str(betons), opts)
+    assert "train.beton has no class-name record" in caplog.text
+
+
+@pytest.mark.ffcv
+def test_conversions_record_class_names(tmp_path, monkeypatch):
+    """The digits and torchvision-set conversions record the class names they know; write_beton without
+    names removes a record an earlier file left, and refuses names that do not cover the labels."""
+    from crate_fast.data import beton_classes, digits, sources
+    from crate_fast.data.records import record_path
+
+    tiny = {s: (np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 9, 4])) for s in ("train", "val")}
+    monkeypatch.setattr(digits, "digits_arrays", lambda: tiny)
+    paths = digits.digits_betons(str(tmp_path / "cache"))
+    assert all(beton_classes(p) == [str(d) for d in range(10)] for p in paths.values())
+
+    class FakeCifar(list):
+        classes = [f"class{i}" for i in range(10)]
+    monkeypatch.setattr(sources, "_torchvision_set", lambda name, root, train: FakeCifar(
+        [(Image.fromarray(np.full((8, 8, 3), i, np.uint8)), i) for i in range(4)]))
+    paths, n = sources._betons("cifar10", "cifar10", str(tmp_path / "cache"), str(tmp_path / "root"))
+    assert n == 10 and all(beton_classes(p) == FakeCifar.classes for p in paths.values())
+    write_beton([(np.zeros((8, 8, 3), np.uint8), 1)] * 2, paths["val"], max_resolution=None)
+    assert not os.path.exists(record_path(paths["val"]))
+    with pytest.raises(ValueError, match="do not fit the 1 class names"):
+        write_beton([(np.zeros((8, 8, 3), np.uint8), 1)] * 2, str(tmp_path / "x.beton"), classes=["only"])
+    assert not os.path.exists(tmp_path / "x.beton")
+
+
+@pytest.fixture(scope="module")
+def ids_beton(tmp_path_factory):
+    """40 samples of 8x8 pixels whose label is their index (and pixel value), stored raw."""
+    images = [(np.full((8, 8, 3), i, np.uint8), i) for i in range(40)]
+    return write_beton(images, str(tmp_path_factory.mktemp("ids") / "ids.beton"), max_resolution=None,
+                       compress_probability=0.0)
+
+
+def _epoch_threads():
+    return [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
+
+
+@pytest.mark.ffcv
+def test_breaking_out_of_an_ffcv_epoch_leaks_no_thread(ids_beton):
+    """C24: a pass left before its last batch (train.py breaks out of the loop when the micro-batch
+    count is not a multiple of --accum-steps) left FFCV's epoch thread blocked forever, holding its
+    batch buffers (libffcv/ffcv#393): one thread and its memory more every epoch. The loader now stops
+    it, wherever the pass is left (early, or with the last batches and FFCV's end marker queued), and
+    the next epoch's order stays the one of shard_indices."""
+    train = train_loader(ids_beton, batch_size=4, img_size=8, flip=False, num_workers=1, seed=2)
+    assert len(train) == 10
+    threads = threading.active_count()
+    for epoch, read in enumerate((1, 2, 7, 8, 9, 2)):
+        truth = shard_indices(40, epoch=epoch, shuffle=True, seed=2, rank=0, world=1, equal=True)
+        labels = []
+        for i, (_, y) in enumerate(train):
+            labels += y.tolist()
+            if i + 1 == read:
+                break
+        assert labels == truth[: 4 * read].tolist()
+        assert _epoch_threads() == [] and threading.active_count() == threads, f"epoch {epoch}"
+    next(iter(train))                                     # an iterator dropped after one batch
+    assert _epoch_threads() == [] and threading.active_count() == threads
+    x, y = zip(*train, strict=True)                       # epoch 7, whole, in order
+    assert torch.cat(y).tolist() == shard_indices(40, epoch=7, shuffle=True, seed=2, rank=0, world=1,
+                                                  equal=True).tolist()
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) for v in (L.IMAGENET_STD, L.IMAGENET_MEAN))
+    pixels = torch.cat(x) * std + mean                    # each image's pixels are its label
+    assert torch.allclose(pixels[:, :, 0, 0], torch.cat(y).float().view(-1, 1).expand(-1, 3), atol=1e-3)
+    assert _epoch_threads() == []
+
+
+@pytest.mark.ffcv
+def test_ffcv_set_resolution_from_the_next_pass(ids_beton):
+    """The FFCV loader's set_resolution (train.py --progressive): the next pass decodes at the new size;
+    a loader made without progressive=True (compiled once) and an evaluation loader refuse it."""
+    train = train_loader(ids_beton, batch_size=8, img_size=8, num_workers=1, progressive=True)
+    assert next(iter(train))[0].shape == (8, 3, 8, 8)
+    train.set_resolution(6)
+    assert all(x.shape == (8, 3, 6, 6) for x, _ in train)
+    with pytest.raises(RuntimeError, match="progressive=True"):
+        train_loader(ids_beton, batch_size=8, img_size=8, num_workers=1).set_resolution(6)
+    with pytest.raises(RuntimeError, match="training loaders"):
+        val_loader(ids_beton, batch_size=8, img_size=8, num_workers=1).set_resolution(6)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_torchvision_and_synthetic_loaders_set_resolution(workers):
+    """C23: train.py --progressive calls train.set_resolution(res), which only the FFCV loader had
+    (AttributeError with --loader torchvision and with --data synthetic). Both now take it with the
+    FFCV loader's meaning: the training crop size from the next pass on (a pass under way keeps its
+    size), also with DataLoader workers that persist between passes."""
+    pytest.importorskip("torchvision")
+    from crate_fast.data import LoaderOptions, build_loaders
+    from crate_fast.data.fallback import train_transform
+
+    data = Images([(np.full((20, 24, 3), i, np.uint8), i) for i in range(8)], "pil", train_transform(16))
+    train = TorchvisionLoader(data, batch_size=4, train=True, num_workers=workers, device="cpu",
+                              dtype=torch.float32, distributed=False, seed=0, drop_last=True)
+    under_way = iter(train)
+    assert next(under_way)[0].shape == (4, 3, 16, 16)
+    train.set_resolution(8)
+    assert next(under_way)[0].shape == (4, 3, 16, 16)
+    del under_way
+    for _ in range(2):
+        batches = list(train)
+        assert len(batches) == 2 and all(x.shape == (4, 3, 8, 8) for x, _ in batches)
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    val = TorchvisionLoader(data, batch_size=4, train=False, num_workers=0, device="cpu", dtype=torch.float32,
+                            distributed=False, seed=0, drop_last=False)
+    with pytest.raises(RuntimeError, match="training loaders"):
+        val.set_resolution(8)
+    opts = LoaderOptions(batch_size=2, img_size=16, num_workers=0, device=torch.device("cpu"), synthetic_steps=3)
+    synthetic = build_loaders("synthetic", opts).train
+    under_way = iter(synthetic)
+    assert next(under_way)[0].shape == (2, 3, 16, 16)
+    synthetic.set_resolution(8)
+    assert next(under_way)[0].shape == (2, 3, 16, 16)
+    x, y = next(iter(synthetic))
+    assert x.shape == (2, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last) and y.shape == (2,)
+
+
+def test_imagenet_statistics_have_one_home():
+    """The 0-1 statistics (timm's names) and the 0-255 ones the loaders use are the same numbers."""
+    from crate_fast import data
+
+    assert data.IMAGENET_DEFAULT_MEAN == (0.485, 0.456, 0.406) and data.IMAGENET_DEFAULT_STD == (0.229, 0.224, 0.225)
+    assert data.IMAGENET_MEAN == tuple(255 * m for m in data.IMAGENET_DEFAULT_MEAN) == L.IMAGENET_MEAN
+    assert data.IMAGENET_STD == tuple(255 * s for s in data.IMAGENET_DEFAULT_STD) == L.IMAGENET_STD

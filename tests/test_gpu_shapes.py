@@ -7,6 +7,8 @@ against a float64 reference.
 import pytest
 import torch
 from harness import assert_2x_rule, assert_rel, check, check_all, run_grads
+from inputs import ista_inputs, odl_compare, odl_inputs
+from tolerances import AUTOCAST_ATOL
 
 from crate_fast.kernels import ista_step, ista_step_ref, mssa_attention, mssa_attention_ref
 
@@ -31,8 +33,7 @@ def test_mssa_full_shapes(H, D, N, dtype):
 @pytest.mark.parametrize("C", [384, 576, 768, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_ista_full_shapes(C, dtype):
-    from test_ista import make
-    x, W = make((5, 197), C, torch.float64, "cuda")
+    x, W = ista_inputs((5, 197), C, torch.float64, "cuda")
     g = torch.randn(x.shape, device="cuda", dtype=torch.float64)
     got = run_grads(lambda a, b: ista_step(a, b, impl="triton"), x.to(dtype), W.to(dtype), grad=g.to(dtype))
     truth = run_grads(ista_step_ref, x, W, grad=g)
@@ -44,19 +45,16 @@ def test_ista_full_shapes(C, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_odl_full_shapes(d, dtype):
     """CRATE-alpha S/B/L widths (m = 4d), 5 images of 197 tokens, with the residual stream."""
-    from test_odl import compare, make
-    *inputs, dout = make((5, 197), d, dtype, "cuda")
-    names, got, plain, truth = compare("triton", inputs, dout)
+    *inputs, dout = odl_inputs((5, 197), d, dtype, "cuda")
+    names, got, plain, truth = odl_compare("triton", inputs, dout)
     check_all(names, got, plain, truth)
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 def test_odl_full_shapes_autocast(residual):
     """bf16 autocast at CRATE-alpha-B width: bf16 GEMMs, the fp32 residual stream (test_odl_autocast)."""
-    from test_odl import compare, make
-    from tolerances import AUTOCAST_ATOL
-    *inputs, dout = make((3, 197), 768, torch.float32, "cuda", residual)
-    names, got, plain, truth = compare("triton", inputs, dout, autocast=True)
+    *inputs, dout = odl_inputs((3, 197), 768, torch.float32, "cuda", residual)
+    names, got, plain, truth = odl_compare("triton", inputs, dout, autocast=True)
     assert got[0].dtype == (torch.float32 if residual else torch.bfloat16)
     for name, g, p, t in zip(names, got, plain, truth, strict=True):
         assert_2x_rule(g, p, t, what=name, atol=AUTOCAST_ATOL)
@@ -84,11 +82,11 @@ def test_model_impls_agree_on_gpu(name):
 
 def test_every_admitted_config_is_correct():
     """Autotuning may pick any admitted config: each one must compute the right thing (N = 197 tail)."""
-    from crate_fast.kernels import ista, mssa
+    from crate_fast.kernels import gemm, mssa
     from crate_fast.kernels._triton import force_config
-    n_cfg = max(len(mssa.FWD_CONFIGS), len(mssa.BWD_CONFIGS), len(ista.GEMM_CONFIGS))
+    n_cfg = max(len(mssa.FWD_CONFIGS), len(mssa.BWD_CONFIGS), len(gemm.GEMM_CONFIGS))
     for i in range(n_cfg):
-        with force_config(i, mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel, ista._ista_fwd_kernel):
+        with force_config(i, mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel, gemm._gemm_epilogue_kernel):
             for dtype in (torch.bfloat16, torch.float32):
                 for D in (48, 64):
                     w = torch.randn(3, 197, 2 * D, device="cuda").view(3, 197, 2, D).transpose(1, 2).to(dtype)
@@ -110,16 +108,14 @@ def test_every_admitted_config_is_correct():
 
 
 def test_every_admitted_odl_config_is_correct():
-    """The ODL GEMM's configs, each on all five epilogues (d = 200: partial tiles in K and N; 591 rows)."""
-    from test_odl import compare, make
-
-    from crate_fast.kernels import odl
+    """The GEMM's configs on ODL's five epilogues (d = 200: partial tiles in K and N; 591 rows)."""
+    from crate_fast.kernels import gemm
     from crate_fast.kernels._triton import force_config
-    for i in range(len(odl.GEMM_CONFIGS)):
-        with force_config(i, odl._odl_gemm_kernel):
+    for i in range(len(gemm.GEMM_CONFIGS)):
+        with force_config(i, gemm._gemm_epilogue_kernel):
             for dtype in (torch.bfloat16, torch.float32):
                 for residual in (True, False):
-                    *inputs, dout = make((3, 197), 200, dtype, "cuda", residual)
-                    names, got, plain, truth = compare("triton", inputs, dout)
+                    *inputs, dout = odl_inputs((3, 197), 200, dtype, "cuda", residual)
+                    names, got, plain, truth = odl_compare("triton", inputs, dout)
                     for name, a, p, t in zip(names, got, plain, truth, strict=True):
                         check(a, p, t, f"odl config {i} {dtype} {name}")

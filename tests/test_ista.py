@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
 from harness import assert_2x_rule, assert_rel, check_all, run_grads
+from inputs import device_for, ista_inputs
 from tolerances import AUTOCAST_ATOL, FP64_RTOL
 
 from crate_fast.kernels import ista_step, ista_step_ref
@@ -36,31 +36,12 @@ def test_ista_torch_form_follows_rows_and_width():
     assert torch_form((2, 32), 64) == OPERATOR and torch_form((0,), 64) == DIRECT
 
 
-def device_for(impl):
-    return KERNEL_DEVICE if impl == "triton" else "cpu"
-
-
-def make(lead, C, dtype, device, margin=0.25, step_size=0.1, lambd=0.1):
-    """Random W and x whose pre-activations z = x + eta (x W - x W^T W) - eta lambda are random, of
-    both signs, and at least ``margin`` away from zero, so rounding cannot flip a ReLU (whose gradient
-    would jump) and every dtype's gradients are comparable with the float64 truth.
-
-    In row form z = x A - eta lambda with A = I + eta (W - W^T W), so x = (z + eta lambda) A^-1.
-    """
-    W = torch.empty(C, C, dtype=torch.float64).uniform_(-1, 1) * (6 / C) ** 0.5   # official init scale
-    z = torch.randn(*lead, C, dtype=torch.float64)
-    z = torch.sign(z) * (margin + z.abs())
-    A = torch.eye(C, dtype=torch.float64) + step_size * (W - W.t() @ W)
-    x = torch.linalg.solve(A, (z + step_size * lambd).reshape(-1, C), left=False).reshape(z.shape)
-    return x.to(device, dtype), W.to(device, dtype)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lead,C", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ista_matches_reference(impl, lead, C, dtype):
     dev = device_for(impl)
-    x, W = make(lead, C, dtype, dev)
+    x, W = ista_inputs(lead, C, dtype, dev)
     dout = torch.randn(x.shape, dtype=dtype, device=dev)
     got = run_grads(lambda a, b: ista_step(a, b, impl=impl), x, W, grad=dout)
     truth = run_grads(ista_step_ref, x.double().cpu(), W.double().cpu(), grad=dout.double().cpu())
@@ -74,7 +55,7 @@ def test_ista_matches_reference(impl, lead, C, dtype):
                                          ((64,), 64, OPERATOR)])
 def test_ista_torch_float64_is_exact(lead, C, form):
     assert torch_form(lead, C) == form
-    x, W = make(lead, C, torch.float64, "cpu")
+    x, W = ista_inputs(lead, C, torch.float64, "cpu")
     dout = torch.randn(x.shape, dtype=torch.float64)
     got = run_grads(lambda a, b: ista_step(a, b, impl="torch"), x, W, grad=dout)
     ref = run_grads(ista_step_ref, x, W, grad=dout)
@@ -103,7 +84,7 @@ def test_ista_input_errors():
 
 
 def test_ista_computes_in_the_activation_dtype_with_a_higher_precision_dictionary():
-    x, W = make((5,), 32, torch.float64, "cpu")
+    x, W = ista_inputs((5,), 32, torch.float64, "cpu")
     W = W.requires_grad_()
     out = ista_step(x.float(), W, impl="torch")
     assert out.dtype == torch.float32
@@ -119,7 +100,7 @@ def test_ista_autocast_keeps_the_residual_stream_in_fp32(impl, lead, C, form):
     in both forms of the torch path."""
     assert torch_form(lead, C) == form
     dev = device_for(impl)
-    x, W = make(lead, C, torch.float64, dev)
+    x, W = ista_inputs(lead, C, torch.float64, dev)
     dout = torch.randn(x.shape, dtype=torch.float64, device=dev)
     truth = run_grads(ista_step_ref, x.cpu(), W.cpu(), grad=dout.cpu())
     got, plain = [], []

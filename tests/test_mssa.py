@@ -1,8 +1,8 @@
 """MSSA attention (tied q = k = v) against the float64 reference, for every fast implementation."""
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
 from harness import assert_rel, check_all, run_grads
+from inputs import device_for
 from tolerances import FP64_RTOL
 
 from crate_fast.kernels import mssa_attention, mssa_attention_ref
@@ -10,10 +10,6 @@ from crate_fast.kernels import mssa_attention, mssa_attention_ref
 # (B, H, N, D): odd B*H, N off every block size, head dims 48 (CRATE-S, padded in-kernel) and 64.
 SHAPES = [(1, 3, 17, 48), (3, 1, 65, 64), (1, 1, 1, 64), (1, 3, 80, 48), (1, 1, 197, 64), (3, 1, 65, 48)]
 IMPLS = ["torch", "triton"]
-
-
-def device_for(impl):
-    return KERNEL_DEVICE if impl == "triton" else "cpu"
 
 
 def head_split(B, H, N, D, dtype, device):

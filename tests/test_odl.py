@@ -11,7 +11,16 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE
 from harness import assert_2x_rule, assert_rel, check_all, run_grads
-from test_triton_ops import assert_same_nonfinite, numpy_nan_warnings, poisoned, poisoned_allocations  # noqa: F401
+from inputs import (
+    ODL_NAMES,
+    assert_same_nonfinite,
+    device_for,
+    numpy_nan_warnings,
+    odl_compare,
+    odl_inputs,
+    odl_reference,
+    poisoned,
+)
 from tolerances import AUTOCAST_ATOL, FP64_RTOL
 
 from crate_fast.kernels import odl_step, odl_step_ref
@@ -19,100 +28,6 @@ from crate_fast.kernels import odl_step, odl_step_ref
 IMPLS = ["torch", "triton"]
 # (leading shape, d): rows 1, 17 and 65; d = 48 puts a partial tile in every kernel's K or N.
 SHAPES = [((1,), 32), ((17,), 48), ((5, 13), 64)]
-NAMES = ("out", "dx", "dD", "dD1", "dresidual")
-
-
-def device_for(impl):
-    return KERNEL_DEVICE if impl == "triton" else "cpu"
-
-
-def reference(x, D, D1, residual=None, step_size=0.1, lambd=0.1):
-    """The port's block with its skip connection: residual + odl_step_ref(x, D, D1)."""
-    out = odl_step_ref(x, D, D1, step_size, lambd)
-    return out if residual is None else residual + out
-
-
-def preactivations(x, D, step_size=0.1, lambd=0.1):
-    """The two ReLUs' inputs in float64, rows (M, m): eta x D - eta lambda, a1 - eta (a1 D^T - x) D - eta lambda."""
-    x, D = x.reshape(-1, D.shape[0]).double().cpu(), D.double().cpu()
-    z1 = step_size * x @ D - step_size * lambd
-    a1 = z1.relu()
-    return z1, a1 - step_size * (a1 @ D.t() - x) @ D - step_size * lambd
-
-
-def make(lead, d, dtype, device, residual=True, margin=0.03, step_size=0.1, lambd=0.1):
-    """Random (x, D, D1, residual or None, dout) whose two ReLU pre-activations are all at least
-    ``margin`` / 2 from zero (typical size 0.3), with both signs, in float64 after rounding to ``dtype``:
-    rounding cannot then flip a ReLU (whose gradient would jump), so every dtype's gradients are
-    comparable with the float64 truth.
-
-    Random inputs cannot do that (a few hundred of the M x 2m pre-activations land within bf16
-    rounding of zero), so the sparse code is built first. Each atom (column of D) is a scaled copy of
-    one of d orthonormal directions, 4 atoms per direction, two of each sign, |scale| in [1.5, 4] (so
-    eta s^2 ~ 1 and the second step turns atoms on and off). In the rotated frame y = x U the two steps
-    then decouple into one scalar y per (row, direction) and its 4 atoms: y is redrawn until all 8 of its
-    pre-activations clear ``margin`` (and a direction's scales, if that keeps failing). A small dense
-    perturbation of x and D then makes them generic.
-    """
-    M, m = math.prod(lead), 4 * d
-    f64 = dict(dtype=torch.float64)
-    U = torch.linalg.qr(torch.randn(d, d, **f64)).Q
-    atom = torch.randperm(m)
-    k, sign = atom % d, torch.tensor([1.0, 1.0, -1.0, -1.0], **f64)[atom // d]   # direction, sign per atom
-    mag = torch.empty(m, **f64).uniform_(1.5, 4.0)
-    y = torch.randn(M, d, **f64)
-    for step in range(1000):
-        s = sign * mag
-        z1 = step_size * (y[:, k] * s - lambd)
-        a1 = z1.relu()
-        coef = torch.zeros(M, d, **f64).index_add_(1, k, a1 * s)               # a1 S^T: per direction
-        z2 = a1 + z1 - step_size * s * coef[:, k]                               # == preactivations() here
-        near = ((z1.abs() < margin) | (z2.abs() < margin)).double()
-        bad = torch.zeros(M, d, **f64).index_add_(1, k, near) > 0               # per (row, direction)
-        if not bad.any():
-            break
-        y[bad] = torch.randn(int(bad.sum()), **f64)
-        if step % 20 == 19:                      # some scales admit no y: new ones for those directions
-            redo = bad.any(0)[k]
-            mag[redo] = torch.empty(int(redo.sum()), **f64).uniform_(1.5, 4.0)
-    S = torch.zeros(d, m, **f64)
-    S[k, torch.arange(m)] = s
-    x, D = y @ U.t(), U @ S
-    for _ in range(10):
-        xp = (x + 0.005 * torch.randn(M, d, **f64)).to(dtype)
-        Dp = (D + 0.005 * torch.randn(d, m, **f64) * mag.mean() / d ** 0.5).to(dtype)
-        z1, z2 = preactivations(xp, Dp, step_size, lambd)
-        if min(z1.abs().min(), z2.abs().min()) >= margin / 2:
-            break
-    else:
-        raise AssertionError("no well-posed ODL input found")
-    for z in (z1, z2):
-        assert 0.1 < (z > 0).double().mean() < 0.9, "both ReLU branches should be exercised"
-    D1 = torch.randn(d, m, **f64) * d ** -0.5
-    res = 0.3 * torch.randn(*lead, d, **f64) if residual else None
-    out = [xp.reshape(*lead, d), Dp, D1.to(dtype), res, torch.randn(*lead, d, **f64)]
-    return [None if t is None else t.to(device, dtype) for t in out]
-
-
-def compare(impl, inputs, dout, autocast=False):
-    """(names, got, plain, truth): output and gradients of odl_step(impl), of the port in the inputs'
-    dtype (under the same autocast), and of the port in float64, all on the inputs' device; the
-    residual's gradient when it is given."""
-    inputs = [t for t in inputs if t is not None]
-
-    def fast(x, D, D1, *r):
-        return odl_step(x, D, D1, residual=r[0] if r else None, impl=impl)
-
-    def run(fn, ins, g):
-        if not autocast:
-            return run_grads(fn, *ins, grad=g)
-        with torch.autocast(ins[0].device.type, dtype=torch.bfloat16):
-            return run_grads(fn, *ins, grad=g)
-
-    got = run(fast, inputs, dout)
-    plain = run(reference, inputs, dout)
-    truth = run_grads(reference, *(t.double() for t in inputs), grad=dout.double())
-    return NAMES[:len(got)], got, plain, truth
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -120,8 +35,8 @@ def compare(impl, inputs, dout, autocast=False):
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_odl_matches_reference(impl, lead, d, residual, dtype):
-    *inputs, dout = make(lead, d, dtype, device_for(impl), residual)
-    names, got, plain, truth = compare(impl, inputs, dout)
+    *inputs, dout = odl_inputs(lead, d, dtype, device_for(impl), residual)
+    names, got, plain, truth = odl_compare(impl, inputs, dout)
     assert all(g.dtype == dtype for g in got)
     check_all(names, got, plain, truth)
 
@@ -132,8 +47,8 @@ def test_odl_matches_reference(impl, lead, d, residual, dtype):
                                     ((2, 197), 768), ((17,), 1024)], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_odl_torch_at_preset_widths(lead, d, dtype):
-    *inputs, dout = make(lead, d, dtype, "cpu")
-    names, got, plain, truth = compare("torch", inputs, dout)
+    *inputs, dout = odl_inputs(lead, d, dtype, "cpu")
+    names, got, plain, truth = odl_compare("torch", inputs, dout)
     check_all(names, got, plain, truth)
 
 
@@ -144,8 +59,8 @@ def test_odl_autocast(impl, lead, d, residual):
     """Under bf16 autocast the GEMMs run in bf16; with an fp32 residual the output is fp32 (the port's
     ff(x) + x adds a bf16 matmul to the fp32 stream), without one bf16 (the port's last matmul).
     Gradients return in fp32, the inputs' dtype."""
-    *inputs, dout = make(lead, d, torch.float32, device_for(impl), residual)
-    names, got, plain, truth = compare(impl, inputs, dout, autocast=True)
+    *inputs, dout = odl_inputs(lead, d, torch.float32, device_for(impl), residual)
+    names, got, plain, truth = odl_compare(impl, inputs, dout, autocast=True)
     out_dtype = torch.float32 if residual else torch.bfloat16
     assert got[0].dtype == plain[0].dtype == out_dtype
     assert all(g.dtype == torch.float32 for g in got[1:])
@@ -156,8 +71,8 @@ def test_odl_autocast(impl, lead, d, residual):
 @pytest.mark.parametrize("lead,d", [((17,), 48), ((2, 33), 64)], ids=lambda v: str(v))
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 def test_odl_torch_float64_is_exact(lead, d, residual):
-    *inputs, dout = make(lead, d, torch.float64, "cpu", residual)
-    names, got, _, truth = compare("torch", inputs, dout)
+    *inputs, dout = odl_inputs(lead, d, torch.float64, "cpu", residual)
+    names, got, _, truth = odl_compare("torch", inputs, dout)
     for name, g, t in zip(names, got, truth, strict=True):
         assert_rel(g, t, FP64_RTOL, name)
 
@@ -188,7 +103,7 @@ def test_odl_saves_half_the_activation_bytes(impl, lead, d, autocast):
     z = torch.randn(*lead, d, device=dev, requires_grad=True)
     weights = {(d, 4 * d), (4 * d, d)}
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
-        ref = saved_activation_bytes(lambda: reference(x, D, D1, z), weights)
+        ref = saved_activation_bytes(lambda: odl_reference(x, D, D1, z), weights)
         fast = saved_activation_bytes(lambda: odl_step(x, D, D1, residual=z, impl=impl), weights)
     assert ref == 10 * math.prod(lead) * d * (2 if autocast else 4)
     assert fast <= 0.5 * ref
@@ -203,7 +118,7 @@ def test_odl_nonfinite_like_reference(impl, where, index, poison, dtype):
     """A NaN or Inf in x (one token: one element or the row), in D (one element, or a row: one input
     coordinate of every atom) or in the upstream gradient: NaN and +-Inf at exactly the reference's
     positions in the output and every gradient."""
-    x, D, D1, r, dout = make((17,), 48, dtype, "cpu")
+    x, D, D1, r, dout = odl_inputs((17,), 48, dtype, "cpu")
     if where == "x":
         x = poisoned(x, index, poison)
     elif where == "D":
@@ -213,16 +128,16 @@ def test_odl_nonfinite_like_reference(impl, where, index, poison, dtype):
     dev = device_for(impl)
     got = run_grads(lambda *t: odl_step(*t[:3], residual=t[3], impl=impl), *(t.to(dev) for t in (x, D, D1, r)),
                     grad=dout.to(dev))
-    ref = run_grads(reference, x, D, D1, r, grad=dout)
+    ref = run_grads(odl_reference, x, D, D1, r, grad=dout)
     assert not all(t.isfinite().all() for t in ref)
-    assert_same_nonfinite(NAMES, got, ref)
+    assert_same_nonfinite(ODL_NAMES, got, ref)
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
-def test_odl_triton_writes_every_element(poisoned_allocations, residual):  # noqa: F811
+def test_odl_triton_writes_every_element(poisoned_allocations, residual):
     """Every buffer the kernels write starts as NaN: outputs and gradients are finite and right."""
-    *inputs, dout = make((2, 19), 48, torch.float32, KERNEL_DEVICE, residual)
-    names, got, plain, truth = compare("triton", inputs, dout)
+    *inputs, dout = odl_inputs((2, 19), 48, torch.float32, KERNEL_DEVICE, residual)
+    names, got, plain, truth = odl_compare("triton", inputs, dout)
     check_all(names, got, plain, truth)
 
 
@@ -266,10 +181,10 @@ def test_odl_input_errors(monkeypatch):
 
 def test_odl_auto_and_default_arguments():
     """auto is the torch path off CUDA; step size and lambda default to CRATE-alpha's 0.1 and are honoured."""
-    x, D, D1, r, _ = make((17,), 32, torch.float64, "cpu")
+    x, D, D1, r, _ = odl_inputs((17,), 32, torch.float64, "cpu")
     out = odl_step(x.requires_grad_(), D, D1, residual=r)
     assert out.grad_fn.next_functions[0][0].name() == "_ODLBackward"       # under the view to x's shape
-    assert_rel(out, reference(x, D, D1, r), FP64_RTOL)
+    assert_rel(out, odl_reference(x, D, D1, r), FP64_RTOL)
     assert_rel(odl_step(x, D, D1, 0.05, 0.2, impl="torch"), odl_step_ref(x, D, D1, 0.05, 0.2), FP64_RTOL)
 
 
@@ -290,7 +205,7 @@ def test_odl_torch_compile_fullgraph():
     def f(x, D, D1, r):
         return odl_step(x, D, D1, residual=r, impl="triton").sum() + odl_step(x, D, D1, impl="torch").sum()
 
-    *inputs, _ = make((17,), 32, torch.float32, KERNEL_DEVICE)
+    *inputs, _ = odl_inputs((17,), 32, torch.float32, KERNEL_DEVICE)
     inputs = [t.requires_grad_() for t in inputs]
     compiled = torch.compile(f, fullgraph=True)          # fullgraph: any graph break is an error
     got = compiled(*inputs)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from crate_fast import create_model
-from crate_fast.probe import extract_features, linear_probe, main
+from crate_fast.probe import extract_features, linear_probe
+from crate_fast.probe.__main__ import main
 
 TINY = dict(dim=32, depth=1, heads=2, img_size=16, patch_size=4)
 

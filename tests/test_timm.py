@@ -186,3 +186,36 @@ def test_features_only_checks_its_blocks_at_creation():
         timm.create_model("crate_tiny", features_only=True, **SMALL)       # timm's default: the last 3 blocks
     with pytest.raises(ValueError, match="block numbers in -2..1"):
         timm.create_model("crate_tiny", features_only=True, out_indices=(5,), **SMALL)
+
+
+def test_torch_hub_loads_a_checkout_that_is_not_installed(tmp_path):
+    """torch.hub.load(CHECKOUT) works without pip install: kernels/ and data/ are mapped into crate_fast as
+    setup.py's package_dir does (hubconf.py). Simulated in a fresh interpreter by removing setuptools'
+    editable-install finders and every site-packages path entry naming this checkout."""
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+            "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]\n"
+            "sys.path_importer_cache.clear()\n"
+            f"sys.path[:] = [p for p in sys.path if p not in ('', {ROOT!r})]\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('crate_fast') is None, 'crate_fast is still importable'\n"
+            "import torch\n"
+            f"m = torch.hub.load({ROOT!r}, 'crate_tiny', source='local', trust_repo=True, num_classes=3,"
+            " img_size=16, patch_size=8, depth=1)\n"
+            "import crate_fast.kernels, crate_fast.data\n"
+            f"assert crate_fast.kernels.__file__.startswith({ROOT!r})\n"
+            f"assert crate_fast.data.__file__.startswith({ROOT!r})\n"
+            "print(type(m).__name__, m(torch.randn(1, 3, 16, 16)).shape)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == "CRATE torch.Size([1, 3])", p.stderr[-3000:]
+
+
+def test_no_classifier_and_no_pooling_give_the_tokens():
+    """timm's feature-extraction pattern: num_classes=0, global_pool="" (timm issue #2682)."""
+    model = timm.create_model("crate_tiny", global_pool="", **{**SMALL, "num_classes": 0})
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert model(x).shape == (2, 17, 384) and torch.equal(model(x), model.head_norm(tokens))
+    model = create_model("crate_tiny", **SMALL)
+    model.reset_classifier(0, "")
+    assert model(x).shape == (2, 17, 384) and model.config.pool == "none"

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import crate_fast  # noqa: E402
 import train  # noqa: E402
-from crate_fast.optim import param_groups  # noqa: E402
+from crate_fast.training.optim import param_groups  # noqa: E402
+from crate_fast.training.recipes import recipe_for  # noqa: E402
 
 # Small synthetic runs: random images, a few steps per epoch, no data preparation.
 TINY = ["--data", "synthetic", "--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--synthetic-steps", "3",
@@ -58,7 +59,7 @@ def test_mae_recipe_is_the_papers_with_fairs_loop():
     assert (cfg.opt, cfg.betas, cfg.weight_decay, cfg.wd_exclude) == ("adamw", (0.9, 0.95), 0.1, True)
     assert cfg.lr == pytest.approx(3e-5 * 4096 / 256) and (cfg.epochs, cfg.warmup_epochs) == (800, 40)
     assert cfg.scale == (0.2, 1.0) and cfg.mask_ratio == 0.75 and cfg.flip
-    assert train.recipe_for("synthetic", None, "crate_mae")[0] == "mae_pretrain"
+    assert recipe_for("synthetic", None, "masked_autoencoding")[0] == "mae_pretrain"
     # FAIR's grouping: no decay on 1-D tensors and biases; tokens decayed; frozen tables not optimized
     model = crate_fast.create_model("mae_crate_tiny", depth=1, decoder_depth=1, img_size=32, patch_size=8)
     decayed, undecayed = param_groups(model, 0.1, True)

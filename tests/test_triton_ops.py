@@ -10,24 +10,13 @@ import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA, KERNEL_DEVICE
 from harness import assert_rel, run_grads
+from inputs import assert_same_nonfinite, device_for, numpy_nan_warnings, poisoned
 from tolerances import BF16_HEAD_DIM_128_ATOL
 
 from crate_fast.kernels import ista_step, ista_step_ref, mssa_attention, mssa_attention_ref
 from crate_fast.kernels.torch_ops import ista_uses_operator_form
 
 DEV = KERNEL_DEVICE
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every float buffer the kernels allocate starts as NaN, so an unwritten element shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 17, 48), (3, 1, 33, 64)])
@@ -78,7 +67,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_impl_names_and_auto_decided_once():
     from crate_fast.kernels import IMPLS, check_impl
-    from crate_fast.kernels._utils import _choose_once
+    from crate_fast.kernels._dispatch import _choose_once
     assert IMPLS == ("auto", "reference", "torch", "triton") and all(check_impl(i) == i for i in IMPLS)
     with pytest.raises(ValueError, match="impl must be"):
         check_impl("cuda")
@@ -135,34 +124,11 @@ def test_torch_compile_model_with_torch_impl():
 
 
 # ------------------------------------------------------------------------------------------------
-# Non-finite inputs. Each kernel puts NaN and +-Inf exactly where its reference twin does, in the output
-# and in every gradient: a NaN or Inf is never turned into a finite value, nor a finite value into one.
+# Non-finite inputs (inputs.py: poisoned, assert_same_nonfinite). Each kernel puts NaN and +-Inf exactly
+# where its reference twin does, in the output and in every gradient.
 # ------------------------------------------------------------------------------------------------
-NONFINITE = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
 # One token row poisoned: a single element ("nan") or the whole row ("nan_row", "+inf_row", "-inf_row").
 ROW_POISONS = ["nan", "nan_row", "+inf_row", "-inf_row"]
-# The interpreter computes with numpy, which warns about the very NaN arithmetic these tests exercise.
-numpy_nan_warnings = pytest.mark.filterwarnings("ignore:(invalid value|All-NaN):RuntimeWarning")
-
-
-def poisoned(t: torch.Tensor, index: tuple, poison: str) -> torch.Tensor:
-    """A copy of t with t[index] (one row) set to NaN/+-Inf, or only its element 1 for a bare kind."""
-    t = t.clone()
-    kind, _, whole = poison.partition("_")
-    t[index if whole else (*index, 1)] = NONFINITE[kind]
-    return t
-
-
-def assert_same_nonfinite(names, got, ref) -> None:
-    """NaN, +Inf and -Inf at exactly the positions where the reference has them."""
-    for name, g, r in zip(names, got, ref, strict=True):
-        for mask in (torch.isnan, torch.isposinf, torch.isneginf):
-            a, b = mask(g.cpu()), mask(r.cpu())
-            assert torch.equal(a, b), f"{name}: {mask.__name__} at {int(a.sum())} positions, reference {int(b.sum())}"
-
-
-def _dev(impl):
-    return KERNEL_DEVICE if impl == "triton" else "cpu"
 
 
 @numpy_nan_warnings
@@ -173,7 +139,7 @@ def test_mssa_nonfinite_like_reference(impl, poison, dtype):
     # One token of head (0, 1) poisoned (N = 37: row 33 sits in the masked tail blocks of the
     # interpreter's tiles). Its score row and column are non-finite, so that head's softmax rows
     # are NaN, or, for a -Inf score, exactly 0 in a column whose value row holds an Inf (0 * Inf = NaN).
-    w = poisoned(torch.randn(2, 3, 37, 32), (0, 1, 33), poison).to(_dev(impl), dtype)
+    w = poisoned(torch.randn(2, 3, 37, 32), (0, 1, 33), poison).to(device_for(impl), dtype)
     g = torch.randn(w.shape, device=w.device).to(dtype)
     got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=g)
     ref = run_grads(mssa_attention_ref, w.cpu(), grad=g.cpu())
@@ -189,7 +155,7 @@ def test_mssa_first_key_blocks_all_minus_inf(impl):
     whose running max is still -Inf must not compute exp(-inf - (-inf)) = NaN for them."""
     w = torch.randn(1, 1, 80, 32)
     w[0, 0, :64, 0] = math.inf            # keys 0-63: score -Inf for every query with w[..., 0] < 0
-    w = w.to(_dev(impl))
+    w = w.to(device_for(impl))
     g = torch.randn(w.shape, device=w.device)
     got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=g)
     ref = run_grads(mssa_attention_ref, w.cpu(), grad=g.cpu())
@@ -229,7 +195,7 @@ def test_ista_nonfinite_tests_cover_both_torch_forms():
 def test_ista_nonfinite_like_reference(impl, where, poison, dtype):
     """One row of x (a token), of the upstream gradient, or (NaN) of W poisoned; the torch path in its
     operator form, as the kernel. Inf in W, and a lone Inf in x: test_ista_triton_nonfinite_like_torch."""
-    dev = _dev(impl)
+    dev = device_for(impl)
     x, W, dout = _ista_poisoned(OPERATOR_LEAD, WIDTH, where, (7,) if where == "W" else (1, 5), poison)
     x, W, dout = (t.to(dev, dtype) for t in (x, W, dout))
     got = run_grads(lambda a, b: ista_step(a, b, impl=impl), x, W, grad=dout)
@@ -277,14 +243,14 @@ def test_model_nan_pixel_gives_nan_loss_and_reference_gradients(impl):
     and every parameter gradient has NaN/Inf exactly where the reference model's has them."""
     from crate_fast import create_model
     kw = dict(num_classes=3, img_size=16, patch_size=4, depth=1, dim=64, heads=2)
-    model = create_model("crate_tiny", impl=impl, **kw).to(_dev(impl))
+    model = create_model("crate_tiny", impl=impl, **kw).to(device_for(impl))
     ref = create_model("crate_tiny", impl="reference", **kw)
     ref.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     x[1, 0, 5, 7] = math.nan
     y = torch.tensor([0, 2])
     runs = []
-    for m, dev in ((model, _dev(impl)), (ref, "cpu")):
+    for m, dev in ((model, device_for(impl)), (ref, "cpu")):
         logits = m(x.to(dev))
         F.cross_entropy(logits, y.to(dev)).backward()
         runs.append([logits.detach()] + [p.grad for p in m.parameters()])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .tokens import check_pos_interp, embed_tokens, float_model, sparse_step
+from .tokens import check_pos_interp, embed_tokens, float_model
 
 EPS = 0.01
 
@@ -90,7 +90,7 @@ def layer_stats(model: nn.Module, images: torch.Tensor, eps: float = EPS, pos_in
                 zn = blk.norm1(x)
                 rc = coding_rate(blk.attn.project(zn), eps)
                 r = expansion_rate(zn, eps)
-                x, codes = sparse_step(blk, x + blk.attn(zn))
+                x, codes = blk.sparsify(x + blk.attn(zn))
                 zf = zero_fraction(codes)
                 out.append({name: float(v) for name, v in [
                     ("coding_rate", rc.mean()), ("coding_rate_std", _std(rc)),

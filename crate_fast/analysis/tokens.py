@@ -5,9 +5,9 @@ and what each block's sparse-coding step outputs.
                          learned one of CRATE and CRATE-alpha; CRATE-MAE's decoder_pos_embed, the fixed
                          sin-cos table its official encoder adds: the tokens forward_features feeds its
                          blocks, mask ratio 0); CRATE-MAE's ``model.norm`` follows the last block
-    sparse codes         CRATEBlock (CRATE, CRATE-MAE's encoder): the ISTA output, which is the next
-                         layer's input; CRATEAlphaBlock: the ODL codes a2 of LN2(z_half), not the block's
-                         output (z_half + a2 D1^T: a residual sum, dense)
+    sparse codes         each block's ``sparsify`` (crate_fast.layers.Block): CRATEBlock (CRATE, CRATE-MAE's
+                         encoder) the ISTA output, which is the next layer's input; CRATEAlphaBlock the ODL
+                         codes a2 of LN2(z_half), not the block's output (z_half + a2 D1^T: dense)
 Off the training grid the position table is resized by `pos_interp`: "dino" (DINO's
 interpolate_pos_encoding, what the CRATE notebooks and CRATE-MAE's forward_features use) or "size"
 (F.interpolate(size=...), what the classifiers' forward uses); crate_fast.layers.resample_pos_embed.
@@ -19,16 +19,18 @@ import copy
 import torch
 from torch import nn
 
-from ..layers import CRATEAlphaBlock, CRATEBlock
-from ..models.base import TokenClassifier
-from ..models.crate_mae import CRATEMAE
+from ..models.base import CRATEModel
+from ..registry import family_of_config
 
 POS_INTERPS = ("dino", "size")
 
 
 def check_model(model: nn.Module) -> None:
-    """TypeError unless `model` is a crate_fast model the analysis reads (CRATE, CRATE-alpha, CRATE-MAE)."""
-    if not isinstance(model, (TokenClassifier, CRATEMAE)):
+    """TypeError unless `model` is a crate_fast image model the analysis reads (CRATE, CRATE-alpha,
+    CRATE-MAE: a registered family whose blocks can ``sparsify``)."""
+    ok = isinstance(model, CRATEModel) and family_of_config(model.config).inputs == "images" \
+        and hasattr(model.blocks[0], "sparsify")
+    if not ok:
         raise TypeError(f"the white-box analysis reads CRATE, CRATE-alpha and CRATE-MAE models, got "
                         f"{type(model).__name__}")
 
@@ -59,22 +61,7 @@ def embed_tokens(model: nn.Module, images: torch.Tensor, pos_interp: str = "dino
     return model.embed(images, pos_interp=pos_interp)
 
 
-def sparse_step(block: nn.Module, z_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block's second half on z_half = z + MSSA(LN1(z)): (the block's output, its sparse codes).
-
-    CRATEBlock: both are ISTA(LN2(z_half)), (B, N, dim). CRATEAlphaBlock: the output is
-    z_half + ODL(LN2(z_half)) (B, N, dim), as the block's forward computes it; the codes are
-    ODL.codes(LN2(z_half)) = a2, (B, N, ratio * dim) fp32. Raises TypeError for another block."""
-    if isinstance(block, CRATEAlphaBlock):
-        xn = block.norm2(z_half)
-        return block.odl(xn, residual=z_half), block.odl.codes(xn)
-    if isinstance(block, CRATEBlock):
-        out = block.ista(block.norm2(z_half))
-        return out, out
-    raise TypeError(f"expected a CRATEBlock or CRATEAlphaBlock, got {type(block).__name__}")
-
-
 def sparse_code_name(model: nn.Module) -> str:
     """What layer_stats' sparsity counts the zeros of, for labels: "ISTA output" or "ODL codes a2"."""
     check_model(model)
-    return "ODL codes a2" if isinstance(model.blocks[0], CRATEAlphaBlock) else "ISTA output"
+    return model.blocks[0].codes_name

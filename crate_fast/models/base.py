@@ -1,17 +1,75 @@
-"""What every CRATE-family image classifier shares: pooling and head, timm's model contract, impl switching,
-gradient checkpointing, intermediate features. A family subclasses :class:`TokenClassifier` and builds
-``patch_embed`` (with a ``grid(img)`` method), ``pos_embed``, ``cls_token``, ``pos_drop``, ``blocks``,
-``head_norm`` and ``head`` in its __init__.
+"""What every CRATE-family model shares (:class:`CRATEModel`: impl switching, gradient checkpointing, one
+block loop) and what the image classifiers share (:class:`TokenClassifier`: embedding, pooling, head,
+timm's model contract). A classifier family subclasses TokenClassifier and builds ``patch_embed`` (with a
+``grid(img)`` method), ``pos_embed``, ``cls_token``, ``pos_drop``, ``blocks``, ``head_norm`` and ``head``
+in its __init__.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crate_fast.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..layers import resample_pos_embed, set_impl
 
+# Pooling of a token sequence (B, 1 + N, dim): "cls" the CLS token; "mean" the mean of the tokens (every
+# token in the classifiers, as the official CRATE; the patch tokens in CRATE-MAE, as FAIR MAE's global
+# pool); "none" (classifiers) no pooling: the head reads every token (timm's global_pool="").
+POOLS = ("cls", "mean")
+CLASSIFIER_POOLS = (*POOLS, "none")
+# timm's global_pool names -> ours
+GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean", "": "none", "none": "none"}
 
-class TokenClassifier(nn.Module):
+
+def pool_for(global_pool: str) -> str:
+    """Our pool for timm's global_pool name. Raises ValueError for any other name."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
+    return GLOBAL_POOLS[global_pool]
+
+
+class CRATEModel(nn.Module):
+    """The base of every family's model: ``config`` (a frozen dataclass with ``impl``), the impl switch,
+    gradient checkpointing and the one loop that runs a list of blocks."""
+
+    config: object
+    grad_checkpointing: bool = False
+
+    @property
+    def impl(self) -> str:
+        return self.config.impl
+
+    def set_impl(self, impl: str):
+        """Use another MSSA/ISTA/ODL implementation from now on (one of crate_fast.kernels.IMPLS).
+        Returns the model. Raises ValueError for an unknown impl."""
+        set_impl(self, impl)
+        self.config = self.config.replace(impl=impl)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block during the backward instead of keeping its activations (timm's switch):
+        the same gradients for one more forward of the blocks."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block, checkpointed while training with grad_checkpointing on (only its input is kept)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            x = self.run_block(blk, x)
+        return x
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that recipes may exclude from weight decay (timm convention)."""
+        return set()
+
+
+class TokenClassifier(CRATEModel):
     """Images -> embed (CLS + patch tokens) -> blocks -> pool (CLS token or mean) -> LN -> Linear.
 
     Subclasses set ``config`` (a frozen dataclass with dim, num_classes, pool, impl, grid_size,
@@ -21,7 +79,6 @@ class TokenClassifier(nn.Module):
     def _init_contract(self) -> None:
         """timm's model contract (crate_fast.timm_models): sizes and the feature map of every block."""
         cfg = self.config
-        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.dim
         self.num_prefix_tokens = 1
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=cfg.dim, reduction=cfg.patch_size[0])
@@ -37,18 +94,8 @@ class TokenClassifier(nn.Module):
         return self.pos_drop(x)
 
     @property
-    def impl(self) -> str:
-        return self.config.impl
-
-    @property
     def num_classes(self) -> int:
         return self.config.num_classes
-
-    def set_impl(self, impl: str) -> TokenClassifier:
-        """Use another MSSA/ISTA implementation from now on (one of crate_fast.kernels.IMPLS)."""
-        set_impl(self, impl)
-        self.config = self.config.replace(impl=impl)
-        return self
 
     def pos_embed_for(self, grid: tuple[int, int], method: str = "size") -> torch.Tensor:
         """The (1, 1 + gh * gw, dim) position table for a patch grid (gh, gw): the table itself on the
@@ -56,28 +103,22 @@ class TokenClassifier(nn.Module):
         inference, or "dino", the CRATE notebooks' DINO formula; see layers.resample_pos_embed)."""
         return resample_pos_embed(self.pos_embed, self.config.grid_size, grid, method)
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            # Keep only the block's input; recompute its inside in the backward (same gradients).
-            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
-
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block: (B, 1 + patches, dim). No final norm: the head's LayerNorm follows
         pooling (both official models)."""
-        x = self.embed(img)
-        for blk in self.blocks:
-            x = self._block(blk, x)
-        return x
+        return self.run_blocks(self.blocks, self.embed(img))
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False, pool: str | None = None) -> torch.Tensor:
         """(B, 1 + patches, dim) tokens -> (B, num_classes) logits; pre_logits=True: the normalized pooled
         (B, dim) features the classifier reads (timm's contract). pool: "cls" or "mean" (every token, CLS
-        included, as the official CRATE) instead of the config's. Raises ValueError for another pool."""
+        included, as the official CRATE) instead of the config's; the config's "none" keeps every token
+        ((B, 1 + patches, ...) out). Raises ValueError for another pool."""
         pool = self.config.pool if pool is None else pool
-        if pool not in ("cls", "mean"):
+        if pool not in CLASSIFIER_POOLS:
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        x = self.head_norm(tokens.mean(dim=1) if pool == "mean" else tokens[:, 0])
+        if pool != "none":
+            tokens = tokens.mean(dim=1) if pool == "mean" else tokens[:, 0]
+        x = self.head_norm(tokens)
         return x if pre_logits else self.head(x)
 
     def pooled(self, img: torch.Tensor, pool: str | None = None) -> torch.Tensor:
@@ -104,7 +145,7 @@ class TokenClassifier(nn.Module):
         x, out = self.embed(img), []
         last = max(take) if stop_early else depth - 1
         for i, blk in enumerate(self.blocks[: last + 1]):
-            x = self._block(blk, x)
+            x = self.run_block(blk, x)
             if i in take:
                 patches = x[:, 1:]
                 if output_fmt == "NCHW":
@@ -127,33 +168,37 @@ class TokenClassifier(nn.Module):
             raise ValueError(f"indices {list(indices)}: block numbers in -{depth}..{depth - 1}")
         return take
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block during the backward instead of keeping its activations (timm's switch):
-        the same gradients for one more forward of the blocks."""
-        self.grad_checkpointing = enable
-
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh classifier for num_classes (0: none, forward returns pre-logits); global_pool
-        "token"/"avg" (timm) or "cls"/"mean" also switches the pooling."""
-        pool = self.config.pool
-        if global_pool is not None:
-            from ..timm_models import pool_for
-
-            pool = pool_for(global_pool)
+        "token"/"avg"/"" (timm) or "cls"/"mean"/"none" also switches the pooling."""
+        pool = self.config.pool if global_pool is None else pool_for(global_pool)
         self.config = self.config.replace(num_classes=num_classes, pool=pool)
         device, dtype = self.head_norm.weight.device, self.head_norm.weight.dtype
         self.head = nn.Linear(self.config.dim, num_classes, device=device, dtype=dtype) if num_classes \
             else nn.Identity()
 
+    # timm's pretrained_cfg: computed from the config until timm (or a user) sets one.
     @property
     def pretrained_cfg(self) -> dict:
-        """timm's data config of this model (timm.data.resolve_data_config reads it)."""
-        from ..timm_models import pretrained_cfg
+        """timm's data config of this model (timm.data.resolve_data_config reads it): input size, ImageNet
+        mean/std, crop_pct and interpolation of the official evaluation (resize 256 -> center 224,
+        bicubic), the classifier name. timm's builder assigns its own (with the weights' source)."""
+        set_ = self.__dict__.get("_pretrained_cfg")
+        if set_ is not None:
+            return set_
+        cfg = self.config
+        return {"input_size": (cfg.in_chans, *cfg.img_size), "mean": IMAGENET_DEFAULT_MEAN,
+                "std": IMAGENET_DEFAULT_STD, "crop_pct": DEFAULT_CROP_PCT, "crop_mode": "center",
+                "interpolation": "bicubic", "num_classes": cfg.num_classes, "classifier": "head",
+                # the first layer over pixels (CRATE: a Linear on channel-last patches; CRATE-alpha: a conv)
+                "first_conv": "patch_embed.proj", "license": "mit"}
 
-        return pretrained_cfg(self)
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict) -> None:
+        self.__dict__["_pretrained_cfg"] = value
 
     default_cfg = pretrained_cfg
 
@@ -161,5 +206,4 @@ class TokenClassifier(nn.Module):
         return self.forward_head(self.forward_features(img))
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that recipes may exclude from weight decay (timm convention)."""
         return {"cls_token", "pos_embed"}

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import KeyMap
-from ..config import PatchGridConfig, Size, check_dropout, check_positive, to_2tuple
-from ..kernels import check_impl
 from ..layers import CRATEBlock, PatchEmbed
-from .base import TokenClassifier
-
-POOLS = ("cls", "mean")
+from . import _flops
+from ._config import PatchGridConfig, Size, check_dropout
+from .base import CLASSIFIER_POOLS, TokenClassifier
+from .family import Family
+from .keys import KeyMap
 
 # Official presets (model/crate.py, CRATE paper Table 1). dim_head = dim // heads: 64, 48 (!), 64, 64.
 PRESETS: dict[str, dict] = {
@@ -56,28 +55,26 @@ class CRATEConfig(PatchGridConfig):
     impl: str = "auto"
 
     def __post_init__(self):
-        set_ = object.__setattr__  # frozen: normalize fields once, here
-        set_(self, "img_size", to_2tuple(self.img_size, "img_size"))
-        set_(self, "patch_size", to_2tuple(self.patch_size, "patch_size"))
-        check_positive(self, "dim", "depth", "heads", "in_chans")
+        self._check_tokens()
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {self.num_classes!r}")
-        if self.dim_head is None:
-            if self.dim % self.heads:
-                raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}; pass dim_head")
-            set_(self, "dim_head", self.dim // self.heads)
-        if self.dim_head <= 0:
-            raise ValueError(f"dim_head must be positive, got {self.dim_head}")
-        for (i, p) in zip(self.img_size, self.patch_size, strict=True):
-            if i % p:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        check_impl(self.impl)
+        if self.pool not in CLASSIFIER_POOLS:
+            raise ValueError(f"pool must be one of {CLASSIFIER_POOLS}, got {self.pool!r}")
         check_dropout(self, "dropout", "emb_dropout")
         if self.step_size <= 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
 
+
+def flops(cfg: CRATEConfig, *, training: bool = False, img_size: tuple[int, int] | None = None,
+          ista: str = "2mm") -> int:
+    """Matmul FLOPs of one image (docs/DESIGN.md §6): the patch embedding 2 P (C p^2) d, per layer MSSA
+    4 N d inner + 4 N^2 inner and ISTA (4 N d^2 in the model's two-GEMM form, `ista`="3mm": the official
+    6 N d^2), the classifier 2 d classes; N = P + 1 tokens at img_size (default the config's).
+    training: x3. Raises ValueError for an unknown ista form."""
+    p, embed = _flops.patches(cfg, img_size)
+    n, inner = p + 1, cfg.heads * cfg.dim_head
+    layer = _flops.mssa(n, cfg.dim, inner) + _flops.ista(n, cfg.dim, ista)
+    return _flops.total(embed + cfg.depth * layer + 2 * cfg.dim * cfg.num_classes, training)
 
 
 class CRATE(TokenClassifier):
@@ -90,7 +87,7 @@ class CRATE(TokenClassifier):
     """
 
     config_class = CRATEConfig
-    # Official model/crate.py names: ours -> theirs (crate_fast.checkpoint.KeyMap).
+    # Official model/crate.py names: ours -> theirs (models/keys.py).
     official_keys = KeyMap(
         top={
             "cls_token": "cls_token",
@@ -129,3 +126,8 @@ class CRATE(TokenClassifier):
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self._init_contract()
 
+
+FAMILY = Family(
+    "crate", "CRATE", "Yu et al., White-Box Transformers via Sparse Rate Reduction, NeurIPS 2023",
+    CRATEConfig, CRATE, PRESETS, flops, objective="classification",
+    train_fields=("img_size", "patch_size", "impl", "pool", "dropout"), timm=True)

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import KeyMap
 from ..layers import ConvPatchEmbed, CRATEAlphaBlock
+from . import _flops
 from .base import TokenClassifier
 from .crate import CRATEConfig
+from .family import Family
+from .keys import KeyMap
 
 # decode_variant of the official models/crate.py: width / depth / heads; eta = lambda = 0.1 for all.
 # Default patch: the published models' (B/16, L/14; tiny and small as base, huge as large).
@@ -60,6 +62,15 @@ class CRATEAlphaConfig(CRATEConfig):
             raise ValueError(f"head_norm_eps must be positive, got {self.head_norm_eps}")
 
 
+def flops(cfg: CRATEAlphaConfig, *, training: bool = False, img_size: tuple[int, int] | None = None) -> int:
+    """Matmul FLOPs of one image (docs/DESIGN.md §6): CRATE's terms with the ODL step, four N x d x m GEMMs
+    (8 N d m, m = overcomplete_ratio x d atoms), in place of ISTA. training: x3."""
+    p, embed = _flops.patches(cfg, img_size)
+    n, inner = p + 1, cfg.heads * cfg.dim_head
+    layer = _flops.mssa(n, cfg.dim, inner) + _flops.odl(n, cfg.dim, cfg.overcomplete_ratio * cfg.dim)
+    return _flops.total(embed + cfg.depth * layer + 2 * cfg.dim * cfg.num_classes, training)
+
+
 class CRATEAlpha(TokenClassifier):
     """Conv patch embedding -> CLS + learned positions -> depth x CRATEAlphaBlock -> pool -> LN -> Linear.
 
@@ -72,7 +83,7 @@ class CRATEAlpha(TokenClassifier):
     """
 
     config_class = CRATEAlphaConfig
-    # The official PyTorch port's names: ours -> theirs (crate_fast.checkpoint.KeyMap).
+    # The official PyTorch port's names: ours -> theirs (models/keys.py).
     official_keys = KeyMap(
         top={
             "cls_token": "cls_token",
@@ -139,3 +150,9 @@ class CRATEAlpha(TokenClassifier):
         decayed = {"patch_embed.proj.weight", "head.weight"}
         decayed |= {n for n, _ in self.named_parameters() if n.endswith(("attn.qkv.weight", "attn.out.weight"))}
         return {n for n, _ in self.named_parameters() if n not in decayed}
+
+
+FAMILY = Family(
+    "crate_alpha", "CRATE-alpha", "Yang et al., Scaling White-Box Transformers for Vision, NeurIPS 2024",
+    CRATEAlphaConfig, CRATEAlpha, PRESETS, flops, objective="classification",
+    train_fields=("img_size", "patch_size", "impl", "pool", "dropout", "drop_path"), timm=True)

@@ -21,16 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import KeyMap
-from ..config import PatchGridConfig, Size, check_positive, to_2tuple
-from ..kernels import check_impl
-from ..layers import MSSA, ConvPatchEmbed, CRATEBlock, patch_grid, resample_pos_embed, set_impl
-from .base import TokenClassifier
+from ..layers import MSSA, Block, ConvPatchEmbed, CRATEBlock, patch_grid, resample_pos_embed
+from . import _flops, crate
+from ._config import PatchGridConfig, Size
+from .base import POOLS, CRATEModel, TokenClassifier
 from .crate import CRATEConfig
-
-POOLS = ("cls", "mean")
+from .family import Family
+from .keys import KeyMap
 
 # crate_ae.py mae_crate_*: patch 16, decoder as wide and (here by default) as deep as the encoder,
 # dim_head = dim // heads (48 for small). Parameter counts (every state_dict entry, the frozen tables and
@@ -78,22 +76,11 @@ class CRATEMAEConfig(PatchGridConfig):
     impl: str = "auto"
 
     def __post_init__(self):
-        set_ = object.__setattr__  # frozen: normalize fields once, here
-        set_(self, "img_size", to_2tuple(self.img_size, "img_size"))
-        set_(self, "patch_size", to_2tuple(self.patch_size, "patch_size"))
         if self.decoder_depth is None:
-            set_(self, "decoder_depth", self.depth)
-        check_positive(self, "dim", "depth", "heads", "decoder_depth", "in_chans")
+            object.__setattr__(self, "decoder_depth", self.depth)     # frozen: set once, here
+        self._check_tokens("decoder_depth")
         if self.dim % 4:
             raise ValueError(f"dim must be a multiple of 4 (the 2-D sin-cos position table), got {self.dim}")
-        if self.dim_head is None:
-            if self.dim % self.heads:
-                raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}; pass dim_head")
-            set_(self, "dim_head", self.dim // self.heads)
-        check_positive(self, "dim_head")
-        for (i, p) in zip(self.img_size, self.patch_size, strict=True):
-            if i % p:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
         if not self.lambd >= 0:
@@ -101,8 +88,18 @@ class CRATEMAEConfig(PatchGridConfig):
         _check_mask_ratio(self.mask_ratio)
         if not isinstance(self.norm_pix_loss, bool):
             raise ValueError(f"norm_pix_loss must be a bool, got {self.norm_pix_loss!r}")
-        check_impl(self.impl)
 
+
+def flops(cfg: CRATEMAEConfig, *, training: bool = False, img_size: tuple[int, int] | None = None,
+          ista: str = "2mm") -> int:
+    """Matmul FLOPs of one image (docs/DESIGN.md §6): the encoder layers as CRATE's on all N = P + 1 tokens
+    (mask tokens included), decoder layers W_dec 2 N d^2 + MSSA, the pixel head 2 N d (C p^2).
+    training: x3. Raises ValueError for an unknown ista form."""
+    p, embed = _flops.patches(cfg, img_size)
+    n, d, inner = p + 1, cfg.dim, cfg.heads * cfg.dim_head
+    encoder = cfg.depth * (_flops.mssa(n, d, inner) + _flops.ista(n, d, ista))
+    decoder = cfg.decoder_depth * (2 * n * d * d + _flops.mssa(n, d, inner)) + 2 * n * d * cfg.patch_dim
+    return _flops.total(embed + encoder + decoder, training)
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -145,7 +142,7 @@ class Dictionary(nn.Module):
         return f"dim={self.weight.shape[0]}"
 
 
-class CRATEDecoderBlock(nn.Module):
+class CRATEDecoderBlock(Block):
     """One CRATE-MAE decoder layer (official crate_decoder.py Block_CRATE), x: (B, N, dim) -> (B, N, dim):
 
         y = LN_a(x) W_dec^T;   x' = y - MSSA(LN_b(y))
@@ -163,15 +160,12 @@ class CRATEDecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.attn = MSSA(dim, heads, dim_head, impl=impl)
 
-    def set_impl(self, impl: str) -> None:
-        set_impl(self, impl)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dictionary(self.norm1(x))
         return y - self.attn(self.norm2(y))
 
 
-class CRATEMAE(nn.Module):
+class CRATEMAE(CRATEModel):
     """CRATE masked autoencoder (module docstring). forward(imgs (B, in_chans, H, W), mask_ratio, noise)
     -> (loss, pred (B, L, patch_dim), mask (B, L)), the official ``MaskedAutoencoderViT.forward``;
     forward_features / pooled give the encoder's features of whole images (linear probes).
@@ -183,7 +177,7 @@ class CRATEMAE(nn.Module):
     """
 
     config_class = CRATEMAEConfig
-    # Official crate_ae.py names: ours -> theirs (crate_fast.checkpoint.KeyMap). Blocks hold a one-element
+    # Official crate_ae.py names: ours -> theirs (models/keys.py). Blocks hold a one-element
     # ModuleList `layers` of [PreNorm, PreNorm] officially, hence 'layers.0.'.
     official_keys = KeyMap(
         top={name: name for name in ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed",
@@ -237,7 +231,6 @@ class CRATEMAE(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.dim, cfg.patch_dim)
-        self.grad_checkpointing = False
         self.num_features = cfg.dim
         self.initialize_weights()
 
@@ -259,21 +252,6 @@ class CRATEMAE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @property
-    def impl(self) -> str:
-        return self.config.impl
-
-    def set_impl(self, impl: str) -> CRATEMAE:
-        """Use another MSSA/ISTA implementation from now on (one of crate_fast.kernels.IMPLS)."""
-        set_impl(self, impl)
-        self.config = self.config.replace(impl=impl)
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each encoder and decoder block during the backward instead of keeping its
-        activations (timm's switch): the same gradients for one more forward of the blocks."""
-        self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """What the official pretraining (FAIR main_pretrain.py, timm add_weight_decay) does not decay:
@@ -323,13 +301,6 @@ class CRATEMAE(nn.Module):
         mask[:, :keep] = 0
         return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        remat = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in blocks:
-            # Keep only each block's input; recompute its inside in the backward (same gradients).
-            x = checkpoint(blk, x, use_reentrant=False) if remat else blk(x)
-        return x
-
     def _check_training_size(self, imgs: torch.Tensor) -> None:
         grid = patch_grid(imgs, self.config.patch_size, self.config.in_chans)
         if grid != self.config.grid_size:
@@ -354,12 +325,12 @@ class CRATEMAE(nn.Module):
         x = torch.cat([x_kept, self.mask_token.expand(B, L - x_kept.shape[1], -1)], dim=1)
         x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.decoder_pos_embed
-        return self.norm(self._blocks(self.blocks, x)), mask, ids_restore
+        return self.norm(self.run_blocks(self.blocks, x)), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, 1 + L, dim) latent -> pred (B, L, patch_dim) pixels of every patch in patchify's layout
         (crate_ae.py forward_decoder: no decoder_embed, no positions added; the CLS row is dropped last)."""
-        x = self.decoder_norm(self._blocks(self.decoder_blocks, latent))
+        x = self.decoder_norm(self.run_blocks(self.decoder_blocks, latent))
         return self.decoder_pred(x)[:, 1:]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -397,7 +368,7 @@ class CRATEMAE(nn.Module):
         decoder_pos_embed is then bicubically interpolated as the official attention helpers do
         (crate_ae.py interpolate_pos_encoding, DINO's formula). Raises ValueError for a wrong channel count
         or a size the patch does not divide."""
-        return self.norm(self._blocks(self.blocks, self.embed(imgs)))
+        return self.norm(self.run_blocks(self.blocks, self.embed(imgs)))
 
     def embed(self, imgs: torch.Tensor, pos_interp: str = "dino") -> torch.Tensor:
         """The tokens forward_features feeds the encoder: (B, in_chans, H, W) -> (B, 1 + L, dim), patches
@@ -480,3 +451,15 @@ class CRATEMAEClassifier(TokenClassifier):
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         nn.init.normal_(self.cls_token, std=0.02)
         self._init_contract()
+
+
+FAMILY = Family(
+    "crate_mae", "CRATE-MAE",
+    "Pai et al., Masked Autoencoding via Structured Diffusion with White-Box Transformers, ICLR 2024",
+    CRATEMAEConfig, CRATEMAE, PRESETS, flops, objective="masked_autoencoding",
+    train_fields=("img_size", "patch_size", "impl", "mask_ratio", "norm_pix_loss"))
+CLASSIFIER_FAMILY = Family(
+    "crate_mae_cls", "CRATE-MAE classifier",
+    "a CRATE-MAE encoder fine-tuned with a linear head (Pai et al., ICLR 2024)",
+    CRATEMAEClassifierConfig, CRATEMAEClassifier, CLASSIFIER_PRESETS, crate.flops, objective="classification",
+    train_fields=("img_size", "patch_size", "impl", "pool", "dropout"), timm=True)

@@ -18,13 +18,10 @@ training features and scored on the validation ones. Any crate_fast model can be
         --data /data/imagenet --out probe.json
 
 scikit-learn is optional for crate_fast (extras "data" and "dev" install it); the probe names it when missing.
+The command line is this package's __main__.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 
@@ -32,11 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models.base import TokenClassifier
-from .models.crate_mae import CRATEMAE
-from .progress import Progress
-
-POOLS = ("cls", "mean")
+from ..models.base import POOLS, CRATEModel
+from ..progress import Progress
+from ..registry import family_of_config
 
 
 def _check_pool(pool: str) -> None:
@@ -57,7 +52,7 @@ def extract_features(model: nn.Module, loader: Iterable, pool: str = "cls", devi
     Raises ValueError for a pool other than "cls" / "mean" or a loader that yields nothing, TypeError for
     another kind of model."""
     _check_pool(pool)
-    if not isinstance(model, (TokenClassifier, CRATEMAE)):
+    if not (isinstance(model, CRATEModel) and family_of_config(model.config).inputs == "images"):
         raise TypeError(f"the probe reads CRATE, CRATE-alpha and CRATE-MAE models, got {type(model).__name__}")
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
@@ -126,64 +121,3 @@ def linear_probe(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
             "val_top1": 100.0 * float(clf.score(scaler.transform(x_va), y_va)),
             "n_train": int(len(y_tr)), "n_val": int(len(y_va)), "dim": int(x_tr.shape[1]),
             "seconds": time.perf_counter() - t0, "pool": pool, "C": float(C), "n_iter": int(np.max(clf.n_iter_))}
-
-
-def main(argv=None) -> int:
-    """The command line (module docstring). Returns 0, or 2 after printing `error: ...` for a missing or
-    unreadable checkpoint, an unknown --arch or --data, a missing scikit-learn or FFCV, or a bad option."""
-    from .analyze import load_model
-    from .data import LoaderOptions, build_loaders
-    from .data.sources import DEFAULT_CACHE
-
-    ap = argparse.ArgumentParser(prog="python -m crate_fast.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="train.py checkpoint (best.pt / last.pt) or other weights")
-    ap.add_argument("--arch", help="preset of weights that are not a run checkpoint (e.g. mae_crate_base)")
-    ap.add_argument("--img-size", type=int, default=224, help="non-run weights: training image size")
-    ap.add_argument("--patch-size", type=int, default=16, help="non-run weights: patch size")
-    ap.add_argument("--data", required=True, help="what train.py's --data takes: digits, cifar10, a folder, ...")
-    ap.add_argument("--loader", choices=("ffcv", "torchvision"), default="ffcv")
-    ap.add_argument("--pool", choices=POOLS, default="cls", help="CLS token or mean of the tokens (see above)")
-    ap.add_argument("--C", type=float, default=1.0, help="inverse L2 weight of the logistic regression")
-    ap.add_argument("--max-iter", type=int, default=1000, help="lbfgs iterations at most")
-    ap.add_argument("--batch-size", type=int, default=64,
-                    help="images per batch; the training loader drops its last incomplete batch")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    ap.add_argument("--seed", type=int, default=0, help="sample order of the training loader")
-    ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", help="also write the result as JSON to this file")
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow a checkpoint whose loading runs code from the file (only for files you trust)")
-    args = ap.parse_args(argv)
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise ValueError(f"--out {args.out!r}: its folder does not exist")
-        model, _ = load_model(args.ckpt, args.arch, args.img_size, args.patch_size, trusted=args.trust_checkpoint)
-        device = torch.device(args.device)
-        # build_loaders' training split always takes a RandomResizedCrop: with scale = ratio = (1, 1) and no
-        # flip it is the center square of the short side (the whole image for square ones), resized: the same
-        # deterministic view as the evaluation center crop with crop_pct = 1, so both splits are read alike.
-        opts = LoaderOptions(batch_size=args.batch_size, img_size=model.config.img_size[0], num_workers=args.workers,
-                             device=device, seed=args.seed, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                             crop_pct=1.0)
-        data = build_loaders(args.data, opts, loader=args.loader, cache_dir=args.cache_dir, data_root=args.data_root)
-        result = linear_probe(model.to(device), data.train, data.val, pool=args.pool, C=args.C,
-                              max_iter=args.max_iter, progress=True)
-    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = {"ckpt": args.ckpt, "data": args.data, **result, "config": model.config.to_dict()}
-    print(f"linear probe ({args.pool}, C={args.C:g}): train top-1 {result['train_top1']:.2f}%  "
-          f"val top-1 {result['val_top1']:.2f}%  ({result['n_train']} / {result['n_val']} images, "
-          f"{result['dim']} features, {result['seconds']:.1f}s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

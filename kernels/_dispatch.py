@@ -1,4 +1,4 @@
-"""Dispatch shared by the two operators: impl names, where the Triton kernels can run, autocast.
+"""Dispatch policy shared by the three operators: impl names, where the Triton kernels can run, autocast.
 
 Nothing here imports triton: CPU-only installs never need it.
 """
@@ -36,7 +36,7 @@ def interpreting() -> bool:
 def triton_refusal(op: str, device_type: str, dtypes: tuple, head_dim: int | None = None) -> Exception | None:
     """Why the Triton kernels of `op` cannot take an input (the exception to raise), or None if they can.
 
-    dtypes: every dtype the kernels would read or write; head_dim: MSSA's (None for ISTA)."""
+    dtypes: every dtype the kernels would read or write; head_dim: MSSA's (None for ISTA and ODL)."""
     if not _HAS_TRITON or not (device_type == "cuda" or (device_type == "cpu" and interpreting())):
         why = "triton is not installed" if not _HAS_TRITON else f"the tensor is on {device_type}"
         return RuntimeError(f"{op}(impl='triton') needs a CUDA tensor and triton ({why}); use impl='torch' or "

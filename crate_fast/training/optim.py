@@ -1,10 +1,11 @@
-"""Optimizers and the learning-rate schedule used by train.py.
+"""Optimizers and the learning-rate schedule of a training run.
 
 - :class:`Lion` (Chen et al. 2023), the CRATE paper's optimizer, as a foreach implementation: the
   same update as lion-pytorch (the official code's dependency), a handful of fused multi-tensor ops.
 - :func:`lr_at`: per-step linear warmup then cosine decay, a pure function of the step (so resuming
   needs no scheduler state).
 - :func:`param_groups`: optional weight-decay exclusion for norms, biases, position and class tokens.
+- :func:`build_optimizer`: the optimizer a run names.
 """
 from __future__ import annotations
 
@@ -68,3 +69,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_norm_bias_
             continue
         (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                    wd_exclude: bool, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of a run: "lion" (:class:`Lion`) or "adamw" (torch's, fused on CUDA), over
+    :func:`param_groups`. Raises ValueError for another name."""
+    groups = param_groups(model, weight_decay, wd_exclude)
+    if name == "lion":
+        return Lion(groups, lr=lr, betas=betas)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    raise ValueError(f"optimizer must be 'lion' or 'adamw', got {name!r}")
