@@ -1,14 +1,15 @@
-"""Kernel benchmarks: MSSA attention, the ISTA step and CRATE-alpha's ODL block, fwd / bwd / fwd_bwd, every
-provider side by side.
+"""Kernel benchmarks: MSSA attention (full, and causal as CRATE-GPT's), the ISTA step and CRATE-alpha's ODL
+block, fwd / bwd / fwd_bwd, every provider side by side.
 
 On CUDA each provider is timed as replays of a CUDA graph of 10 calls (device time: an eager call of
 these small ops can cost more host time than GPU time); bench_model.py gives the eager, end-to-end view.
 
-TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, backward 2.5x (the
-FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward; ODL forward
+TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, causal half of it, backward
+2.5x (the FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward; ODL forward
 8*M*d*m (its 4 GEMMs), backward 2x forward. A provider that does more arithmetic (the 3-matmul reference
 ISTA, the ODL backward that recomputes two GEMMs to save half the activations) therefore shows a lower
-rate. ODL rows also record the bytes autograd saves for the backward (extra_info saved_bytes).
+rate. ODL rows also record the bytes autograd saves for the backward (extra_info saved_bytes); the
+"*_recompute" providers are odl_step(recompute=True), half the saved bytes for 2 more GEMMs.
 """
 from __future__ import annotations
 
@@ -45,34 +46,36 @@ else:
     MSSA_DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _sdpa(backend):
+def _sdpa(backend, causal=False):
     from torch.nn.attention import sdpa_kernel
 
     def f(w, scale):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(w, w, w, scale=scale)
+            return F.scaled_dot_product_attention(w, w, w, scale=scale, is_causal=causal)
     return f
 
 
-def mssa_providers():
-    p = {"reference": lambda w, s: mssa_attention_ref(w, s), "torch": mssa_attention_torch}
+def mssa_providers(causal=False):
+    p = {"reference": lambda w, s: mssa_attention_ref(w, s, causal=causal),
+         "torch": lambda w, s: mssa_attention_torch(w, s, causal)}
     from torch.nn.attention import SDPBackend
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                 SDPBackend.MATH] if CUDA else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     for b in backends:
-        p[f"sdpa_{b.name.lower().replace('_attention', '')}"] = _sdpa(b)
+        p[f"sdpa_{b.name.lower().replace('_attention', '')}"] = _sdpa(b, causal)
     try:
         import xformers.ops as xops
+        bias = xops.LowerTriangularMask() if causal else None
 
         def xf(w, scale):
             t = w.transpose(1, 2)                               # xformers wants (B, N, H, D)
-            return xops.memory_efficient_attention(t, t, t, scale=scale).transpose(1, 2)
+            return xops.memory_efficient_attention(t, t, t, attn_bias=bias, scale=scale).transpose(1, 2)
         if CUDA:
             p["xformers"] = xf
     except ImportError:
         pass
     if CUDA:
-        p["triton"] = lambda w, s: mssa_attention(w, s, impl="triton")
+        p["triton"] = lambda w, s: mssa_attention(w, s, causal=causal, impl="triton")
     return p
 
 
@@ -100,17 +103,11 @@ def _bench_mode(benchmark, f, inputs, mode, grad_out):
     return run_graphed(benchmark, step)
 
 
-@pytest.mark.parametrize("shape", list(MSSA_SHAPES), ids=lambda s: f"{s}")
-@pytest.mark.parametrize("dtype", MSSA_DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("provider", list(MSSA_PROVIDERS))
-@pytest.mark.parametrize("mode", MODES)
-def test_mssa(benchmark, mode, provider, dtype, shape):
-    benchmark.group = f"mssa-{mode}-{shape}-{str(dtype).split('.')[1]}"
-    B, H, N, D = MSSA_SHAPES[shape]
+def _bench_attention(benchmark, f, provider, mode, dtype, shape, causal):
+    B, H, N, D = shape
     # The model's layout: a strided (B, H, N, D) view of the (B, N, H*D) projection output.
     w = torch.randn(B, N, H * D, device=DEVICE, dtype=dtype).view(B, N, H, D).transpose(1, 2)
     w = (w * 0.5).detach().requires_grad_()
-    f = MSSA_PROVIDERS[provider]
     scale = D ** -0.5
     try:
         out = f(w, scale)
@@ -118,9 +115,40 @@ def test_mssa(benchmark, mode, provider, dtype, shape):
         pytest.skip(f"{provider}: {str(e).splitlines()[0][:120]}")
     g = torch.randn_like(out)
     seconds = _bench_mode(benchmark, f, (w, scale), mode, g)
-    fwd = 4 * B * H * N * N * D
+    fwd = 4 * B * H * N * N * D // (2 if causal else 1)
     annotate(benchmark, seconds, flops={"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode],
-             provider=provider, shape=[B, H, N, D], dtype=str(dtype).split(".")[1], **_tuned(provider, "mssa"))
+             provider=provider, shape=[B, H, N, D], dtype=str(dtype).split(".")[1], causal=causal,
+             **_tuned(provider, "mssa"))
+
+
+@pytest.mark.parametrize("shape", list(MSSA_SHAPES), ids=lambda s: f"{s}")
+@pytest.mark.parametrize("dtype", MSSA_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", list(MSSA_PROVIDERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_mssa(benchmark, mode, provider, dtype, shape):
+    benchmark.group = f"mssa-{mode}-{shape}-{str(dtype).split('.')[1]}"
+    _bench_attention(benchmark, MSSA_PROVIDERS[provider], provider, mode, dtype, MSSA_SHAPES[shape], False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Causal MSSA (CRATE-GPT: query i attends to keys j <= i), against SDPA with is_causal=True and
+# q = k = v. GPU: the 12-layer model's heads at its context T = 1024 (12 x 64), and head dim 48.
+# CPU: small shapes, ratios only.
+# ---------------------------------------------------------------------------------------------------
+if CUDA:
+    CAUSAL_SHAPES = {"T1024xB16": (16, 12, 1024, 64), "T1024xB16d48": (16, 16, 1024, 48)}
+else:
+    CAUSAL_SHAPES = {"T256": (2, 4, 256, 64), "T128d48": (4, 4, 128, 48)}
+CAUSAL_PROVIDERS = mssa_providers(causal=True)
+
+
+@pytest.mark.parametrize("shape", list(CAUSAL_SHAPES), ids=lambda s: f"{s}")
+@pytest.mark.parametrize("dtype", MSSA_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", list(CAUSAL_PROVIDERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_mssa_causal(benchmark, mode, provider, dtype, shape):
+    benchmark.group = f"mssa_causal-{mode}-{shape}-{str(dtype).split('.')[1]}"
+    _bench_attention(benchmark, CAUSAL_PROVIDERS[provider], provider, mode, dtype, CAUSAL_SHAPES[shape], True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,9 +223,12 @@ def _compiled_odl_ref(x, D, D1, z):
 
 
 ODL_PROVIDERS = {"reference": _odl_ref, "torch": lambda x, D, D1, z: odl_step_torch(x, D, D1, residual=z),
+                 "torch_recompute": lambda x, D, D1, z: odl_step_torch(x, D, D1, residual=z, recompute=True),
                  "compile": _compiled_odl_ref}
 if CUDA:
     ODL_PROVIDERS["triton"] = lambda x, D, D1, z: odl_step(x, D, D1, residual=z, impl="triton")
+    ODL_PROVIDERS["triton_recompute"] = lambda x, D, D1, z: odl_step(x, D, D1, residual=z, recompute=True,
+                                                                      impl="triton")
 
 
 @pytest.mark.parametrize("shape", list(ODL_SHAPES))

@@ -3,10 +3,11 @@
 This folder (kernels/) is installed as the package ``crate_fast.kernels`` (setup.py's package_dir): import
 it by that name, never as ``kernels``.
 
-- ``mssa_attention(w, scale=None, impl="auto")``: tied q = k = v softmax attention, (B, H, N, D).
+- ``mssa_attention(w, scale=None, causal=False, impl="auto")``: tied q = k = v softmax attention,
+  (B, H, N, D); causal: query i attends to keys j <= i (CRATE-GPT).
 - ``ista_step(x, weight, step_size=0.1, lambd=0.1, impl="auto")``: one non-negative ISTA step, (..., C).
-- ``odl_step(x, D, D1, step_size=0.1, lambd=0.1, residual=None, impl="auto")``: CRATE-alpha's two-step
-  overcomplete sparse coding with a decoupled synthesis dictionary, (..., d).
+- ``odl_step(x, D, D1, step_size=0.1, lambd=0.1, residual=None, recompute=False, impl="auto")``:
+  CRATE-alpha's two-step overcomplete sparse coding with a decoupled synthesis dictionary, (..., d).
 
 impl (``IMPLS``; ``check_impl`` validates a name): "reference" (literal official math, autograd),
 "torch" (fast PyTorch with hand-written backward, any device), "triton" (fused kernels; CUDA, or CPU
@@ -32,9 +33,15 @@ __all__ = ["IMPLS", "check_impl", "mssa_attention", "ista_step", "odl_step", "ms
            "odl_step_ref"]
 
 
-def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """softmax(scale * w w^T) w per head. w: (B, H, N, D) -> (B, H, N, D); scale defaults to D^-1/2."""
+def mssa_attention(w: torch.Tensor, scale: float | None = None, causal: bool = False,
+                   impl: str = "auto") -> torch.Tensor:
+    """softmax(scale * w w^T) w per head. w: (B, H, N, D) -> (B, H, N, D); scale defaults to D^-1/2.
+
+    causal: query i attends to keys j <= i (the scores above the diagonal are -inf before the softmax),
+    as mssa_attention_ref(causal=True), NaN and Inf included (a non-finite w[k, c] makes out[i < k, c] NaN
+    there too: its 0 * NaN). Raises ValueError for a w that is not 4-D, TypeError for a non-float one."""
     check_impl(impl)
+    causal = bool(causal)
     if w.dim() != 4:
         raise ValueError(f"w must be (B, H, N, D), got shape {tuple(w.shape)}")
     if not w.is_floating_point():
@@ -42,7 +49,7 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
     D = w.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     if impl == "reference":
-        return mssa_attention_ref(w, scale)
+        return mssa_attention_ref(w, scale, causal=causal)
     (w,) = autocast_cast(w)
     # The kernels rely on scale > 0 (the diagonal score then bounds every exponent); CRATE's is D^-1/2.
     # (comparisons, not math.isfinite: under torch.compile a scale that varied between calls is symbolic)
@@ -53,10 +60,10 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, impl: str = "aut
     if impl == "triton" and not kernel_scale:
         raise ValueError(f"mssa_attention(impl='triton') needs a finite scale > 0, got {scale}")
     if impl == "torch" or w.numel() == 0:          # an empty input launches no kernel
-        return mssa_attention_torch(w, scale)
+        return mssa_attention_torch(w, scale, causal)
     from .mssa import mssa_attention_triton
 
-    return mssa_attention_triton(w, scale)
+    return mssa_attention_triton(w, scale, causal)
 
 
 def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
@@ -87,7 +94,7 @@ def ista_step(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lam
 
 
 def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1, lambd: float = 0.1,
-             residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+             residual: torch.Tensor | None = None, recompute: bool = False, impl: str = "auto") -> torch.Tensor:
     """CRATE-alpha's ODL block: residual + relu(a1 - eta (a1 D^T - x) D - eta lambda) D1^T with
     a1 = relu(eta x D - eta lambda) (the official port's OvercompleteISTABlock, odl_step_ref).
 
@@ -96,8 +103,10 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     under torch.autocast; the output has the residual's dtype promoted with that compute dtype (fp32 for
     an fp32 residual stream under bf16 autocast, as autocast runs the port's ``ff(x) + x``), or the
     compute dtype without residual, as the port's last matmul. Gradients return in the inputs' dtypes.
-    impl="torch" and "triton" save half the activation bytes of the reference's autograd
-    (torch_ops.py). Raises ValueError for mismatched shapes or devices, TypeError for non-float inputs."""
+    recompute (impl="torch" and "triton"): False saves what the backward needs, the bytes of the
+    reference's autograd (the faster step); True saves half of them and recomputes the first code and its
+    residual in the backward (2 more GEMMs of 12; torch_ops.py measures both). impl="reference" ignores it.
+    Raises ValueError for mismatched shapes or devices, TypeError for non-float inputs."""
     check_impl(impl)
     d = x.shape[-1]
     if D.dim() != 2 or D.shape[0] != d or D1.shape != D.shape:
@@ -119,7 +128,7 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     dtypes = (compute_dtype,) if residual is None else (compute_dtype, residual.dtype)
     impl = resolve_impl("odl_step", impl, x.device.type, dtypes)
     if impl == "torch" or x.numel() == 0:          # an empty input launches no kernel
-        return odl_step_torch(x, D, D1, float(step_size), float(lambd), residual, compute_dtype)
+        return odl_step_torch(x, D, D1, float(step_size), float(lambd), residual, compute_dtype, bool(recompute))
     from .odl import odl_step_triton
 
-    return odl_step_triton(x, D, D1, float(step_size), float(lambd), residual, compute_dtype)
+    return odl_step_triton(x, D, D1, float(step_size), float(lambd), residual, compute_dtype, bool(recompute))

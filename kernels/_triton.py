@@ -37,6 +37,8 @@ class ConfigRow(NamedTuple):
     stages: int
     max_head_block_sm80: int    # the largest head block it compiles for without spills on sm_80 (0: none)
     max_head_block_sm90: int    # ... and on sm_90a, with Triton 3.6 and 3.8 alike
+    causal_limits: tuple[int, int] | None = None    # (sm_80, sm_90a) limits of a kernel's causal variant
+                                                    # where they are lower (mssa.py), else None
 
 
 # A kernel without a head dim (the GEMM) asks admitted() for this nominal head block.
@@ -60,11 +62,19 @@ def configs(rows: list[ConfigRow], interpreter_row: ConfigRow, **constexprs) -> 
     return out
 
 
-def admitted(configs: list[triton.Config], dtype: str, arch: int, head_block: int = NO_HEAD_DIM) -> list[triton.Config]:
-    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), arch (80, 90) and head block."""
+def admitted(configs: list[triton.Config], dtype: str, arch: int, head_block: int = NO_HEAD_DIM,
+             causal: bool = False) -> list[triton.Config]:
+    """The candidates that fit this dtype ("fp16", "bf16", "fp32"), arch (80, 90) and head block (of the
+    causal variant when causal)."""
     cls = "fp32" if dtype == "fp32" else "16bit"
-    return [c for c in configs if c.row.dtypes in (cls, "any") and head_block <= (
-        c.row.max_head_block_sm90 if arch >= 90 else c.row.max_head_block_sm80)]
+
+    def limit(row: ConfigRow) -> int:
+        limits = (row.max_head_block_sm80, row.max_head_block_sm90)
+        if causal and row.causal_limits is not None:
+            limits = tuple(map(min, limits, row.causal_limits))
+        return limits[arch >= 90]
+
+    return [c for c in configs if c.row.dtypes in (cls, "any") and head_block <= limit(c.row)]
 
 
 def select_configs(admitted: list) -> list:

@@ -2,21 +2,26 @@
 
     python -m crate_fast.kernels.aot_check [--arch 80 90] [--jobs N] [--json OUT.json]
 
-Compiles each kernel x autotune config x dtype x head dim (MSSA) or epilogue (gemm.py: ISTA, ODL) for sm_80 and
-sm_90a with ``triton.compile``, runs Triton's bundled ``ptxas -v`` on the PTX, and prints registers,
-spill bytes, shared memory and (sm_90a) whether the matrix work uses wgmma and whether ptxas had to
-serialize it (warning C7511). Exits non-zero on a compile error, a register spill, or shared memory
-over the architecture's per-block limit.
+Compiles each kernel x autotune config x dtype x head dim and causal mask (MSSA) or epilogue (gemm.py:
+ISTA, ODL) for sm_80 and sm_90a with ``triton.compile``, reads the ``ptxas -v`` log of the cubin Triton
+builds (Triton's own ptxas flags, so the numbers are those of the binary a GPU would load), and prints
+registers, spill bytes, shared memory and (sm_90a) whether the matrix work uses wgmma and whether ptxas
+had to serialize it (warning C7511). Every run compiles into a fresh private Triton cache, so ptxas runs
+(and logs) for every configuration. Exits non-zero on a compile error, a register spill,
+or shared memory over the architecture's per-block limit.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
+import itertools
 import json
 import os
 import re
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -28,10 +33,10 @@ DTYPES = ("fp16", "bf16", "fp32")
 GEMM = "gemm._gemm_epilogue_kernel"
 
 # Kernel argument types are declared beside each kernel, in its module's AOT_SPECS (mssa.py, gemm.py):
-# pointers in "ptr" get the data dtype (or the job's ptr_dtypes) unless listed in "fp32_ptr"; "floats"
-# are float scalars; every other non-constexpr argument is an i32, and those in "div16" are multiples of
-# 16 at CRATE's shapes (strides of H*D-wide rows, widths C), so they get the divisibility hint the
-# runtime would also give; token counts such as N = 197 do not.
+# pointers in "ptr" get the data dtype (or the job's ptr_dtypes) unless listed in "fp32_ptr" or
+# "i32_ptr"; "floats" are float scalars; every other non-constexpr argument is an i32, and those in
+# "div16" are multiples of 16 at CRATE's shapes (strides of H*D-wide rows, widths C), so they get the
+# divisibility hint the runtime would also give; token counts such as N = 197 do not.
 
 
 @dataclass
@@ -76,12 +81,13 @@ def jobs(archs=(80, 90)) -> list[Job]:
             for block_d in mssa.HEAD_BLOCKS:
                 if block_d > (FP32_MAX_HEAD_DIM if dtype == "fp32" else MAX_HEAD_DIM):
                     continue                                    # refused by the dispatcher
-                for even in (True, False):               # D == BLOCK_D (64), or padded (48 -> 64)
-                    base = dict(BLOCK_D=block_d, EVEN_D=even, INTERP_BF16=False)
-                    head = f"D{'=' if even else '<'}{block_d}"
+                for even, causal in itertools.product((True, False), (False, True)):
+                    # D == BLOCK_D (64), or padded (48 -> 64); full or causal attention
+                    base = dict(BLOCK_D=block_d, EVEN_D=even, CAUSAL=causal, INTERP_BF16=False)
+                    head = f"D{'=' if even else '<'}{block_d}{' causal' if causal else ''}"
                     for name, configs in (("_mssa_fwd_kernel", mssa.FWD_CONFIGS),
                                           ("_mssa_bwd_kernel", mssa.BWD_CONFIGS)):
-                        fits = admitted(configs, dtype, arch, block_d)
+                        fits = admitted(configs, dtype, arch, block_d, causal=causal)
                         if not fits:
                             out.append(Job(f"mssa.{name}", arch, dtype, {}, 0, 0, f"{head}: no config fits"))
                         extra = {"ONE_LOOP": dtype == "fp32"} if name == "_mssa_bwd_kernel" else {}
@@ -91,6 +97,10 @@ def jobs(archs=(80, 90)) -> list[Job]:
                                            cfg.num_warps, cfg.num_stages, f"{head} {_fmt(cfg.kwargs)}"))
                 out.append(Job("mssa._mssa_bwd_delta_kernel", arch, dtype,
                                dict(BLOCK_D=block_d, BLOCK_M=mssa.DELTA_BLOCK_M), 4, 1, f"D<={block_d}"))
+                for last in (True, False):               # the causal kernels' scans of w (last) and dO (first)
+                    out.append(Job("mssa._mssa_nonfinite_rows_kernel", arch, dtype,
+                                   dict(LAST=last, BLOCK_N=mssa.DELTA_BLOCK_M, BLOCK_D=block_d), 4, 1,
+                                   f"D<={block_d} {'last' if last else 'first'}"))
             # The GEMM: every epilogue reads and writes the GEMM dtype; those on the residual stream
             # (ISTA's x, ODL's residual) also fp32 (16-bit GEMMs under autocast, an fp32 stream).
             fits = admitted(gemm.GEMM_CONFIGS, dtype, arch)
@@ -105,23 +115,25 @@ def jobs(archs=(80, 90)) -> list[Job]:
                                        cfg.num_warps, cfg.num_stages, f"{epilogue} x:{stream} {_fmt(cfg.kwargs)}",
                                        {"X": stream, "OUT": stream}))
     # Under torch.compile the same kernels are launched by inductor with fp64 float scalars: one job per
-    # kernel and epilogue.
+    # kernel (those with float arguments: for the others it would be the same binary) and epilogue or
+    # causal mask.
     replicated = set()
-    for j in [j for j in out if j.arch == 90 and j.dtype == "bf16" and j.constexprs]:
-        variant = (j.kernel, j.constexprs.get("EPILOGUE"))
+    for j in [j for j in out if j.arch == 90 and j.dtype == "bf16" and j.constexprs and _floats(j.kernel)]:
+        variant = (j.kernel, j.constexprs.get("EPILOGUE"), j.constexprs.get("CAUSAL"))
         if variant not in replicated:
             replicated.add(variant)
             out.append(dataclasses.replace(j, float_type="fp64", label=j.label + " fp64-scalars"))
     return out
 
 
+def _floats(kernel: str) -> list[str]:
+    """The float scalar arguments of "module.function" (its module's AOT_SPECS)."""
+    module, fn = kernel.split(".")
+    return importlib.import_module(f"crate_fast.kernels.{module}").AOT_SPECS[fn]["floats"]
+
+
 def _fmt(kwargs: dict) -> str:
     return " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in kwargs.items() if k != "GROUP_M")
-
-
-def _ptxas() -> str:
-    import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def run_job(job: Job) -> Result:
@@ -145,7 +157,8 @@ def run_job(job: Job) -> Result:
             if p.is_constexpr:
                 sig[n] = "constexpr"
             elif n in spec["ptr"]:
-                sig[n] = "*fp32" if n in spec["fp32_ptr"] else f"*{job.ptr_dtypes.get(n, job.dtype)}"
+                sig[n] = ("*fp32" if n in spec["fp32_ptr"] else "*i32" if n in spec.get("i32_ptr", ())
+                          else f"*{job.ptr_dtypes.get(n, job.dtype)}")
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif n in spec["floats"]:
                 sig[n] = job.float_type
@@ -154,23 +167,19 @@ def run_job(job: Job) -> Result:
                 if n in spec["div16"]:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn, sig, job.constexprs, attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                                  options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+        log = io.StringIO()              # Triton prints ptxas's log under TRITON_DUMP_PTXAS_LOG (main sets it)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                      options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+        log = log.getvalue()
         ptx = compiled.asm["ptx"]
         res.shared = compiled.metadata.shared
         res.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "-")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.ptx")
-            with open(path, "w") as f:
-                f.write(ptx)
-            arch = "sm_90a" if job.arch == 90 else f"sm_{job.arch}"
-            p = subprocess.run([_ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                               capture_output=True, text=True)
-        log = p.stdout + p.stderr
-        if p.returncode:
-            raise RuntimeError(f"ptxas failed: {log.strip()[-400:]}")
         m = re.search(r"Used (\d+) registers", log)
-        res.registers = int(m.group(1)) if m else -1
+        if not m:
+            raise RuntimeError("no ptxas -v log from Triton's compile (a cached cubin, or a Triton without "
+                               "TRITON_DUMP_PTXAS_LOG): run through main(), which compiles into a fresh cache")
+        res.registers = int(m.group(1))
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         res.spill_bytes = sum(int(a) + int(b) for a, b in spills)
         res.wgmma_serialized = "C7511" in log or "C7515" in log
@@ -193,11 +202,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="print only problems and the summary")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)   # compile real kernels, never interpreted stand-ins
+    # The workers inherit both: Triton prints the log of the ptxas run it makes for each cubin, and a fresh
+    # cache makes it run for every configuration (a cached cubin comes without its log).
+    cache = tempfile.mkdtemp(prefix="crate_fast_aot_")
+    os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=cache)
 
     todo = jobs(tuple(args.arch))
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(run_job, todo, chunksize=4))
+    try:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(run_job, todo, chunksize=4))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     bad = [r for r in results if not r.ok]
     head = f"{'kernel':<28}{'arch':<8}{'dtype':<6}{'config':<34}{'regs':>5}{'spill':>6}{'smem':>8}  mma"
     print(head)

@@ -11,9 +11,10 @@ the port's forward writes nine M x m tensors (each elementwise op its own). Form
 the second epilogue (the port's own order) rather than keeping p = x D from the first keeps p out of
 memory: the third epilogue reads a1 only.
 
-The backward is torch_ops.odl_backward on cuBLAS, the torch path's own: it saves x_c and a2 (half the
-port's saved bytes) and recomputes a1 and e there. (ista.py: a Triton GEMM with a ReLU gate fused into
-its prologue measured 3x slower than where() + cuBLAS on an H100.)
+The backward is torch_ops.odl_backward on cuBLAS, the torch path's own: it saves x_c, a1, e and a2 as
+the kernels wrote them, or (recompute=True) x_c and a2 only, half the port's saved bytes, recomputing a1
+and e there. (ista.py: a Triton GEMM with a ReLU gate fused into its prologue measured 3x slower than
+where() + cuBLAS on an H100.)
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ def _out_dtype(xc: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
 # Launcher
 # ------------------------------------------------------------------------------------------------
 def _odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual: torch.Tensor | None,
-                 eta: float, lambd: float, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 eta: float, lambd: float, recompute: bool,
+                 traced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """xc: (M, d); dc, d1c: (d, m), all contiguous in one compute dtype; residual: (M, d) contiguous in
-    any kernel dtype, or None -> (out (M, d) in _out_dtype, a2 (M, m) in the compute dtype)."""
+    any kernel dtype, or None -> (out (M, d) in _out_dtype, a1 (M, m), e (M, d), a2 (M, m) in the compute
+    dtype). recompute only tells the backward what to keep (torch_ops.odl_setup_context)."""
     def gemm(lhs, rhs, x, epilogue, out_dtype=xc.dtype):
         return gemm_epilogue(lhs, rhs, x, epilogue, eta, lambd, out_dtype, traced)
 
@@ -43,11 +46,12 @@ def _odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual
     e = gemm(a1, dc, xc, "e")
     a2 = gemm(e, dc, a1, "a2")
     out = gemm(a2, d1c, residual, "out" if residual is None else "out_residual", _out_dtype(xc, residual))
-    return out, a2
+    return out, a1, e, a2
 
 
-def _odl_fake(xc, dc, d1c, residual, eta, lambd):
-    return xc.new_empty(xc.shape, dtype=_out_dtype(xc, residual)), xc.new_empty(xc.shape[0], dc.shape[1])
+def _odl_fake(xc, dc, d1c, residual, eta, lambd, recompute):
+    codes = xc.new_empty(xc.shape[0], dc.shape[1])
+    return xc.new_empty(xc.shape, dtype=_out_dtype(xc, residual)), codes, torch.empty_like(xc), codes.clone()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,10 +67,10 @@ odl_fwd, odl_fwd_twin = op_with_twin("crate_fast::odl_fwd", _odl_forward, fake=_
 # dtypes fp32/fp16/bf16, non-empty
 # ------------------------------------------------------------------------------------------------
 def odl_step_triton(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float, lambd: float,
-                    residual: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+                    residual: torch.Tensor | None, compute_dtype: torch.dtype, recompute: bool = False) -> torch.Tensor:
     """x: (..., d); D, D1: (d, m); residual: x's shape or None -> (..., d) (odl_step_torch's dtypes);
-    the GEMMs run in compute_dtype."""
+    the GEMMs run in compute_dtype; recompute as odl_step_torch's."""
     with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
         operands = odl_operands(x, D, D1, residual, compute_dtype)     # the kernels read whole rows
-        out, _ = call(odl_fwd, odl_fwd_twin, *operands, step_size, lambd)
+        out, *_ = call(odl_fwd, odl_fwd_twin, *operands, step_size, lambd, recompute)
     return out.view(x.shape)

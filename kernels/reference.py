@@ -11,10 +11,18 @@ import torch.nn.functional as F
 
 
 def mssa_attention_ref(w: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0,
-                       training: bool = False) -> torch.Tensor:
-    """Tied q = k = v attention of one MSSA head group. w: (B, H, N, D) -> (B, H, N, D)."""
+                       training: bool = False, causal: bool = False) -> torch.Tensor:
+    """Tied q = k = v attention of one MSSA head group. w: (B, H, N, D) -> (B, H, N, D).
+
+    causal: query i attends to keys j <= i, as crate-lm's square CRATE-GPT (crate.py) computes it: the
+    scores above the diagonal filled with -inf before the softmax, then the full product attn @ w. (So a
+    NaN or Inf in w at position k also reaches rows i < k, as 0 * NaN in that product, column-wise.)"""
     scale = w.shape[-1] ** -0.5 if scale is None else scale
     dots = torch.matmul(w, w.transpose(-1, -2)) * scale  # (B, H, N, N)
+    if causal:
+        N = w.shape[-2]
+        above = torch.ones(N, N, dtype=torch.bool, device=w.device).triu_(1)      # (i, j) with j > i
+        dots = dots.masked_fill(above, float("-inf"))
     attn = dots.softmax(dim=-1)
     attn = F.dropout(attn, dropout_p, training)
     return torch.matmul(attn, w)

@@ -1,5 +1,5 @@
-"""Fast PyTorch paths for MSSA, ISTA and ODL: exact CRATE math with fewer GEMMs (MSSA, ISTA) or half
-the saved activations (ODL), hand-written backward passes.
+"""Fast PyTorch paths for MSSA, ISTA and ODL: exact CRATE math with fewer GEMMs (MSSA, ISTA), fewer
+elementwise passes or, on request, half the saved activations (ODL), hand-written backward passes.
 
 The hand-written backward passes are first-order only (@once_differentiable): differentiating them again
 (double backward, Hessian-vector products, gradient penalties) raises an error instead of silently
@@ -41,21 +41,33 @@ def autograd_function(name: str, forward, setup_context, backward) -> type[torch
 #   dP = dO w^T ; dS = P * (dP - rowsum(dP * P)) ; dw = P^T dO + scale * (dS + dS^T) w
 # Autograd of the reference needs 4 batched GEMMs; this needs 3 in fp32 and fewer N x N passes.
 # (SDPA with q = k = v measured slower on CPU: 1.1x in fp32, 7x in bf16.)
+# Causal (query i attends to keys j <= i): the scores above the diagonal are -inf before the softmax and
+# dS is exactly 0 there (masked_fill's backward in the reference); every product stays the full dense
+# one, as in the reference, so the masked half costs what it did (the Triton kernels skip it) and a
+# non-finite w_j or dO_i meets the masked zeros of P exactly where the reference's products do
+# (0 * NaN = NaN: a NaN in w[k, c] reaches out[i < k, c]; one in dO[k, c] reaches dw[j > k, c]).
 # ---------------------------------------------------------------------------------------------------
+def causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool, True above the diagonal: the (query i, key j > i) scores a causal softmax drops."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+
+
 class _TiedAttention(torch.autograd.Function):
     # Runs with autocast off (its inputs arrive already cast). softmax and its backward are the fused
     # ATen kernels, which accumulate in fp32 for 16-bit inputs; dS = P * (dP - rowsum(dP * P)) is then
     # formed from the very tiles it subtracts (the diagonal of tied attention cancels there).
     @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
         B, H, N, D = w.shape
         with torch.autocast(w.device.type, enabled=False):
             w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
             s = torch.baddbmm(w3.new_empty(B * H, N, N), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
+            if causal:
+                s.masked_fill_(causal_mask(N, w.device), float("-inf"))
             p = torch.softmax(s, dim=-1)                                      # (BH, N, N)
             o = torch.bmm(p, w3)                                              # (BH, N, D)
         ctx.save_for_backward(w3, p)
-        ctx.scale = scale
+        ctx.scale, ctx.causal = scale, causal
         return o.view(B, H, N, D)
 
     @staticmethod
@@ -66,6 +78,8 @@ class _TiedAttention(torch.autograd.Function):
             do3 = do.reshape(w3.shape).to(w3.dtype)
             dp = torch.bmm(do3, w3.transpose(1, 2))                           # dP = dO w^T
             ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)    # dS = P (dP - rowsum(dP P))
+            if ctx.causal:      # P = 0 there already, but 0 * (a non-finite dP) is not 0
+                ds.masked_fill_(causal_mask(p.shape[-1], p.device), 0.0)
             dw = torch.bmm(p.transpose(1, 2), do3)                            # dV
             # dQ + dK = scale (dS + dS^T) w. Measured on CPU: forming dS + dS^T first wins in fp32,
             # two transposed-operand GEMMs win in bf16/fp16 (the N x N transpose-add is then the cost).
@@ -74,12 +88,13 @@ class _TiedAttention(torch.autograd.Function):
             else:
                 dw = torch.baddbmm(dw, ds, w3, alpha=ctx.scale)
                 dw = torch.baddbmm(dw, ds.transpose(1, 2), w3, alpha=ctx.scale)
-        return dw.view(do.shape), None
+        return dw.view(do.shape), None, None
 
 
-def mssa_attention_torch(w: torch.Tensor, scale: float) -> torch.Tensor:
-    """w: (B, H, N, D) -> (B, H, N, D), tied q = k = v softmax attention with a 3-GEMM backward."""
-    return _TiedAttention.apply(w, scale)
+def mssa_attention_torch(w: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
+    """w: (B, H, N, D) -> (B, H, N, D), tied q = k = v softmax attention with a 3-GEMM backward;
+    causal: query i attends to keys j <= i."""
+    return _TiedAttention.apply(w, scale, causal)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,22 +257,28 @@ def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.
 # Why (a GEMM (M x k)(k x n) is 2Mkn FLOPs, so each of these is 2Mdm = 8Md^2; elements at m = 4d):
 #   autograd of the port: 4 GEMMs forward + 8 backward = 24 Mdm FLOPs; it saves x, a1, e and a2,
 #     (2d + 2m) M = 10 Md elements per call (measured with saved_tensors_hooks, tests/test_odl.py).
-#   this path: the same 4 GEMMs forward with the scale, shift, ReLU and residual folded into addmm; it
-#     saves only x_c and a2, (d + m) M = 5 Md elements: half. The backward recomputes a1 and e from x_c
-#     (2 GEMMs, 10 in all: 28 Mdm FLOPs, +17%). ODL's saved codes are the largest activations of a
-#     CRATE-alpha layer: 775 MB of bf16 per layer at B/16, batch 256, under autograd of the port.
-#   Measured on one CPU thread against autograd of the port, fp32, with the residual, interleaved runs,
-#   medians of 40: forward + backward at d = 192, M = 394: 1.11x its time; d = 384, M = 130: 1.12x
-#   (forward alone 0.92x and 0.98x). Saving a1 as well (9 Md, one recompute) measured 1.02x and 0.99x:
-#   every exact variant runs the port's 12 GEMMs or more, so on a GEMM-bound CPU none is much faster
-#   than autograd; the half of the activation memory is what the recomputation buys.
+#   this path: the same 4 GEMMs forward with the scale, shift, ReLU and residual folded into addmm, then
+#   one of two backward layouts, the caller's choice (odl_step's ``recompute``):
+#     recompute=False (default): saves x_c, a1, e and a2 (10 Md, the port's bytes) and runs the port's
+#       8 backward GEMMs: 12 in all, with fewer elementwise passes than autograd of the port;
+#     recompute=True: saves only x_c and a2 ((d + m) M = 5 Md elements: half) and recomputes a1 and e
+#       from x_c (2 GEMMs, 10 in all: 28 Mdm FLOPs, +17%). ODL's saved codes are the largest activations
+#       of a CRATE-alpha layer: 775 MB of bf16 per layer at B/16, batch 256, under autograd of the port.
+#   Measured against autograd of the port, forward + backward with the residual, one CPU thread (the
+#   2-core machine was shared), interleaved runs, medians of 80, two runs, at the bench rows (M, d) =
+#   (520, 192) and (130, 384): recompute=False 1.08-1.11x and 1.04-1.06x its speed in fp32, 0.98-1.03x
+#   and 0.97-1.02x in bf16; recompute=True 0.93-0.96x and 0.92x in fp32, 0.87-0.90x and 0.89x in bf16.
+#   Saving a1 only (9 Md, one recompute) measured 1.00-1.05x in fp32, 0.96-0.98x in bf16: no better than
+#   either. Every exact variant runs the port's 12 GEMMs or more, so on a GEMM-bound CPU none is much
+#   faster than autograd. (The codes' zero gradients are not materialized: the two M x m fills were 12%
+#   of the bf16 step's summed op time under the profiler.)
 # Under autocast only the GEMM operands (x_c, D_c, D1_c) and the codes are 16-bit; with a residual the
 # output has the residual's dtype promoted with the compute dtype (the port adds a 16-bit matmul result
 # to the fp32 stream), else the compute dtype, as the port's last matmul. The forward evaluates the
 # port's expressions in its order; the backward groups the same products differently (dx = eta (t +
 # g1 D^T), where autograd adds eta g1 D^T to eta g2 D^T); a NaN or +-Inf in x, D or the upstream
-# gradient (one element or one row) lands
-# where the port's autograd puts it, in the output and every gradient (tests/test_odl.py).
+# gradient (one element or one row) lands where the port's autograd puts it, in the output and every
+# gradient, with either recompute (tests/test_odl.py).
 # ---------------------------------------------------------------------------------------------------
 def odl_first_code(xc: torch.Tensor, dc: torch.Tensor, step_size: float, lambd: float) -> torch.Tensor:
     """a1 = relu(eta x D - eta lambda): xc (M, d), dc (d, m) -> (M, m), one GEMM with the shift as bias."""
@@ -271,10 +292,12 @@ def odl_code_residual(a1: torch.Tensor, dc: torch.Tensor, xc: torch.Tensor) -> t
 
 
 def odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual: torch.Tensor | None,
-                step_size: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, a2) for 2-D operands in one compute dtype: xc (M, d), dc and d1c (d, m); residual (M, d)
-    in any float dtype or None. out: (M, d), the residual's dtype promoted with the compute dtype (the
-    compute dtype without residual); a2: (M, m), the second code, which the backward needs."""
+                step_size: float, lambd: float,
+                recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, a1, e, a2) for 2-D operands in one compute dtype: xc (M, d), dc and d1c (d, m); residual
+    (M, d) in any float dtype or None. out: (M, d), the residual's dtype promoted with the compute dtype
+    (the compute dtype without residual); a1, a2: (M, m), the two codes, e: (M, d), the first code's
+    residual, for the backward (recompute: whether it keeps a1 and e or recomputes them; odl_setup_context)."""
     a1 = odl_first_code(xc, dc, step_size, lambd)
     e = odl_code_residual(a1, dc, xc)
     a2 = torch.addmm(a1, e, dc, alpha=-step_size).sub_(step_size * lambd).relu_()
@@ -284,25 +307,30 @@ def odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual:
         out = torch.addmm(residual, a2, d1c.t())                     # residual rides in the GEMM epilogue
     else:
         out = torch.add(residual, torch.mm(a2, d1c.t()))             # 16-bit GEMM, fp32 residual stream
-    return out, a2
+    return out, a1, e, a2
 
 
 # The autograd of the step, shared by _ODL here and by odl.py's op and its eager twin: inputs
-# (xc, dc, d1c, residual, step_size, lambd), outputs (out, a2).
+# (xc, dc, d1c, residual, step_size, lambd, recompute), outputs (out, a1, e, a2). The forward hands
+# a1 and e out either way (the Triton forward writes them to memory anyway); only what is saved differs.
 def odl_setup_context(ctx, inputs, output):
-    xc, dc, d1c, residual, step_size, lambd = inputs
-    _, a2 = output
-    ctx.save_for_backward(xc, dc, d1c, a2)        # 5 Md elements; a1 and e are recomputed (above)
+    xc, dc, d1c, residual, step_size, lambd, recompute = inputs
+    _, a1, e, a2 = output
+    if recompute:
+        ctx.save_for_backward(xc, dc, d1c, a2)            # 5 Md elements; a1 and e are recomputed (above)
+    else:
+        ctx.save_for_backward(xc, dc, d1c, a2, a1, e)     # 10 Md, as the port's autograd
     ctx.step_size, ctx.lambd = step_size, lambd
     ctx.residual_dtype = None if residual is None else residual.dtype
-    ctx.mark_non_differentiable(a2)
+    ctx.mark_non_differentiable(a1, e, a2)
+    ctx.set_materialize_grads(False)      # no zero-filled gradients for the codes (2 M x m fills per call)
 
 
 @once_differentiable
-def odl_backward(ctx, dout: torch.Tensor, _da2: torch.Tensor | None = None):
-    """Gradients w.r.t. (xc, dc, d1c, residual, step_size, lambd), in the compute dtype except the
-    residual's (its own dtype); 10 GEMMs, 2 of them the recomputation of a1 and e."""
-    xc, dc, d1c, a2 = ctx.saved_tensors
+def odl_backward(ctx, dout: torch.Tensor, *_dcodes):
+    """Gradients w.r.t. (xc, dc, d1c, residual, step_size, lambd, recompute), in the compute dtype
+    except the residual's (its own dtype); 8 GEMMs, plus 2 recomputing a1 and e when they were not saved."""
+    xc, dc, d1c, a2, *codes = ctx.saved_tensors
     eta = ctx.step_size
     with torch.autocast(dout.device.type, enabled=False):
         gc = dout.to(a2.dtype)
@@ -310,13 +338,13 @@ def odl_backward(ctx, dout: torch.Tensor, _da2: torch.Tensor | None = None):
         # relu's own backward (grad where the output is > 0): a NaN code passes 0 on, as the port's does.
         g2 = torch.ops.aten.threshold_backward(torch.mm(gc, d1c), a2, 0)
         t = torch.mm(g2, dc.t())
-        a1 = odl_first_code(xc, dc, eta, ctx.lambd)
+        a1 = codes[0] if codes else odl_first_code(xc, dc, eta, ctx.lambd)
         g1 = torch.ops.aten.threshold_backward(torch.addmm(g2, t, dc, alpha=-eta), a1, 0)
         dx = torch.addmm(t, g1, dc.t(), beta=eta, alpha=eta)
-        e = odl_code_residual(a1, dc, xc)
+        e = codes[1] if codes else odl_code_residual(a1, dc, xc)
         dd = torch.mm(xc.t(), g1).addmm_(e.t(), g2, alpha=-1.0).addmm_(t.t(), a1, alpha=-1.0).mul_(eta)
     dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
-    return dx, dd, dd1, dres, None, None
+    return dx, dd, dd1, dres, None, None, None
 
 
 _ODL = autograd_function("_ODL", odl_forward, odl_setup_context, odl_backward)
@@ -335,11 +363,12 @@ def odl_operands(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, residual: t
 
 def odl_step_torch(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1,
                    lambd: float = 0.1, residual: torch.Tensor | None = None,
-                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   compute_dtype: torch.dtype | None = None, recompute: bool = False) -> torch.Tensor:
     """x: (..., d); D, D1: (d, m); residual: x's shape or None -> (..., d); the same function as
     odl_step_ref (+ residual). The GEMMs run in compute_dtype (default x's dtype); the output has the
-    residual's dtype promoted with it, or compute_dtype without residual."""
+    residual's dtype promoted with it, or compute_dtype without residual. recompute: the backward
+    recomputes a1 and e (half the saved bytes, 2 more GEMMs) instead of saving them (above)."""
     compute_dtype = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
-        out, _ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype), step_size, lambd)
+        out, *_ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype), step_size, lambd, recompute)
     return out.view(x.shape)

@@ -112,14 +112,14 @@ def odl_inputs(lead, d, dtype, device, residual=True, margin=0.03, step_size=0.1
     return [None if t is None else t.to(device, dtype) for t in out]
 
 
-def odl_compare(impl, inputs, dout, autocast=False):
-    """(names, got, plain, truth): output and gradients of odl_step(impl), of the port in the inputs'
-    dtype (under the same autocast), and of the port in float64, all on the inputs' device; the
+def odl_compare(impl, inputs, dout, autocast=False, recompute=False):
+    """(names, got, plain, truth): output and gradients of odl_step(impl, recompute), of the port in the
+    inputs' dtype (under the same autocast), and of the port in float64, all on the inputs' device; the
     residual's gradient when it is given."""
     inputs = [t for t in inputs if t is not None]
 
     def fast(x, D, D1, *r):
-        return odl_step(x, D, D1, residual=r[0] if r else None, impl=impl)
+        return odl_step(x, D, D1, residual=r[0] if r else None, recompute=recompute, impl=impl)
 
     def run(fn, ins, g):
         if not autocast:

@@ -15,7 +15,13 @@ def test_aot_check_passes(tmp_path):
     results = json.load(open(out))
     kernels = {r["job"]["kernel"] for r in results}
     assert kernels == {"mssa._mssa_fwd_kernel", "mssa._mssa_bwd_kernel", "mssa._mssa_bwd_delta_kernel",
-                       "gemm._gemm_epilogue_kernel"}
+                       "mssa._mssa_nonfinite_rows_kernel", "gemm._gemm_epilogue_kernel"}
+    # Both attention kernels full and causal, for every dtype and head block.
+    for kernel in ("mssa._mssa_fwd_kernel", "mssa._mssa_bwd_kernel"):
+        variants = {(r["job"]["dtype"], r["job"]["constexprs"]["BLOCK_D"], r["job"]["constexprs"]["CAUSAL"])
+                    for r in results if r["job"]["kernel"] == kernel}
+        assert variants == {(dt, bd, c) for dt in ("fp16", "bf16", "fp32") for bd in (16, 32, 64, 128)
+                            for c in (False, True) if not (dt == "fp32" and bd == 128)}
     # The GEMM is checked with ISTA's epilogue and ODL's four (five with the residual).
     epilogues = {r["job"]["constexprs"].get("EPILOGUE") for r in results if r["job"]["kernel"].startswith("gemm.")}
     assert epilogues == {"ista", "a1", "e", "a2", "out", "out_residual"}

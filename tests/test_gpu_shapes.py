@@ -1,9 +1,12 @@
 """The fused kernels at CRATE's real sizes on a GPU (skipped without one; the interpreter covers logic).
 
-CRATE-S and CRATE-B attention at 224 px (N = 197, head dims 48 and 64), odd batch, the ISTA step at the
+CRATE-S and CRATE-B attention at 224 px (N = 197, head dims 48 and 64), odd batch, causal attention at
+CRATE-GPT's context (T = 1024, 12 heads of 64), the ISTA step at the
 preset widths and CRATE-alpha's ODL block at its widths, fp32 and bf16, outputs and every gradient
 against a float64 reference.
 """
+import functools
+
 import pytest
 import torch
 from harness import assert_2x_rule, assert_rel, check, check_all, run_grads
@@ -27,6 +30,22 @@ def test_mssa_full_shapes(H, D, N, dtype):
     got = run_grads(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
     truth = run_grads(mssa_attention_ref, w.double(), grad=g.double())
     plain = run_grads(mssa_attention_ref, w, grad=g)
+    check_all(("out", "dw"), got, plain, truth)
+
+
+@pytest.mark.parametrize("H,D", [(12, 64), (12, 48), (16, 128)], ids=["gpt", "d48", "d128"])
+@pytest.mark.parametrize("N", [1024, 197, 65])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_mssa_causal_full_shapes(H, D, N, dtype):
+    """Causal attention at CRATE-GPT's context (T = 1024, 12 heads of 64) and off the block sizes."""
+    if dtype == torch.float32 and D > 64:
+        pytest.skip("fp32 head dim > 64 is routed to the torch path")
+    B = 3
+    w = torch.randn(B, N, H * D, device="cuda").view(B, N, H, D).transpose(1, 2).to(dtype)
+    g = torch.randn(B, H, N, D, device="cuda").to(dtype)
+    got = run_grads(lambda t: mssa_attention(t, causal=True, impl="triton"), w, grad=g)
+    truth = run_grads(lambda t: mssa_attention_ref(t, causal=True), w.double(), grad=g.double())
+    plain = run_grads(lambda t: mssa_attention_ref(t, causal=True), w, grad=g)
     check_all(("out", "dw"), got, plain, truth)
 
 
@@ -88,14 +107,15 @@ def test_every_admitted_config_is_correct():
     for i in range(n_cfg):
         with force_config(i, mssa._mssa_fwd_kernel, mssa._mssa_bwd_kernel, gemm._gemm_epilogue_kernel):
             for dtype in (torch.bfloat16, torch.float32):
-                for D in (48, 64):
+                for D, causal in ((48, False), (64, False), (48, True), (64, True)):
                     w = torch.randn(3, 197, 2 * D, device="cuda").view(3, 197, 2, D).transpose(1, 2).to(dtype)
                     g = torch.randn(3, 2, 197, D, device="cuda").to(dtype)
-                    got = run_grads(lambda t: mssa_attention(t, impl="triton"), w, grad=g)
-                    truth = run_grads(mssa_attention_ref, w.double(), grad=g.double())
-                    plain = run_grads(mssa_attention_ref, w, grad=g)
+                    ref = functools.partial(mssa_attention_ref, causal=causal)
+                    got = run_grads(functools.partial(mssa_attention, causal=causal, impl="triton"), w, grad=g)
+                    truth = run_grads(ref, w.double(), grad=g.double())
+                    plain = run_grads(ref, w, grad=g)
                     for a, p, t in zip(got, plain, truth, strict=True):
-                        check(a, p, t, f"mssa config {i} {dtype} D={D}")
+                        check(a, p, t, f"mssa config {i} {dtype} D={D} causal={causal}")
                 x = torch.randn(3 * 197, 200, device="cuda")
                 W = torch.randn(200, 200, device="cuda") * 0.05
                 gx = torch.randn_like(x)

@@ -1,9 +1,11 @@
 """The public layers work inside other models (users import them into their own architectures)."""
 import pytest
 import torch
+from harness import assert_rel
 from torch import nn
 
-from crate_fast.layers import ISTA, MSSA, CRATEBlock
+from crate_fast.kernels import mssa_attention_ref
+from crate_fast.layers import ISTA, MSSA, ODL, CRATEBlock
 
 
 def _train(model, x, y, steps=8, lr=3e-3):
@@ -45,8 +47,51 @@ def test_crate_blocks_in_a_custom_sequence_model():
 
 def test_mssa_rejects_masks_and_explains():
     m = MSSA(32, heads=2)
-    with pytest.raises(NotImplementedError, match="masks"):
+    with pytest.raises(NotImplementedError, match="attention mask.*is_causal"):
         m(torch.randn(1, 5, 32), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_mssa_is_causal(impl):
+    """is_causal=True: per head softmax(w w^T * scale) under the causal mask, then the output
+    projection; later tokens never move an earlier output, and the dropout path is causal too."""
+    torch.manual_seed(0)
+    m = MSSA(32, heads=2, impl=impl).double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    w = m.project(x)
+    want = m.out(mssa_attention_ref(w, m.scale, causal=True).transpose(1, 2).reshape(2, 7, 32))
+    assert_rel(m(x, is_causal=True), want, 1e-12)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(2, 3, 32, dtype=torch.float64)
+    assert torch.equal(m(x2, is_causal=True)[:, :4], m(x, is_causal=True)[:, :4])
+    assert not torch.allclose(m(x, is_causal=True), m(x))
+    drop = MSSA(32, heads=2, dropout=0.5, impl=impl).double().train()
+    drop.load_state_dict(m.state_dict())
+    torch.manual_seed(1)
+    a = drop(x, is_causal=True)
+    torch.manual_seed(1)
+    b = drop(x2, is_causal=True)
+    assert torch.equal(a[:, :4], b[:, :4])                           # same dropout draws, causal probabilities
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_odl_layer_passes_recompute(recompute):
+    """ODL(recompute=...) reaches odl_step: the same output and gradients, and the activation bytes saved
+    for the backward: x and a2 with recompute, x, a1, e and a2 without (torch_ops.py)."""
+    torch.manual_seed(0)
+    layer = ODL(16, recompute=recompute, impl="torch")
+    ref = ODL(16, impl="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    want = ref(x.detach())
+    assert_rel(out.detach(), want.detach())
+    activations = sum(n for n in sizes if n not in (16 * 64,))        # the dictionaries excluded
+    assert activations == 15 * (16 + 64) * (1 if recompute else 2)
+    assert f"recompute={recompute}" in repr(layer)
 
 
 def test_layer_impl_validation_and_repr():

@@ -95,8 +95,9 @@ def saved_activation_bytes(fn, weight_shapes) -> int:
 
 @pytest.mark.parametrize("impl,lead,d", [("torch", (2, 197), 192), ("triton", (17,), 48)])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_odl_saves_half_the_activation_bytes(impl, lead, d, autocast):
-    """x_c and a2 ((d + m) M elements) against the port's x, a1, a1 D^T - x and a2 (2 (d + m) M)."""
+def test_odl_saved_activation_bytes(impl, lead, d, autocast):
+    """recompute=True: x_c and a2 ((d + m) M elements), half the port's x, a1, a1 D^T - x and a2
+    (2 (d + m) M); recompute=False (the default): x_c, a1, e and a2, the port's bytes."""
     dev = device_for(impl)
     x = torch.randn(*lead, d, device=dev, requires_grad=True)
     D, D1 = (torch.randn(d, 4 * d, device=dev, requires_grad=True) for _ in range(2))
@@ -104,17 +105,33 @@ def test_odl_saves_half_the_activation_bytes(impl, lead, d, autocast):
     weights = {(d, 4 * d), (4 * d, d)}
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
         ref = saved_activation_bytes(lambda: odl_reference(x, D, D1, z), weights)
-        fast = saved_activation_bytes(lambda: odl_step(x, D, D1, residual=z, impl=impl), weights)
+        half = saved_activation_bytes(lambda: odl_step(x, D, D1, residual=z, recompute=True, impl=impl), weights)
+        default = saved_activation_bytes(lambda: odl_step(x, D, D1, residual=z, impl=impl), weights)
     assert ref == 10 * math.prod(lead) * d * (2 if autocast else 4)
-    assert fast <= 0.5 * ref
+    assert half == 0.5 * ref and default == ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lead,d", [((17,), 48), ((5, 13), 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_odl_recompute_matches_reference(impl, lead, d, dtype):
+    """recompute=True (a1 and e recomputed in the backward): the output and every gradient, as the
+    default's (test_odl_matches_reference); in fp32 within rounding of the default's."""
+    *inputs, dout = odl_inputs(lead, d, dtype, device_for(impl))
+    names, got, plain, truth = odl_compare(impl, inputs, dout, recompute=True)
+    check_all(names, got, plain, truth)
+    _, saved, _, _ = odl_compare(impl, inputs, dout)
+    for name, g, s in zip(names, got, saved, strict=True):
+        assert_rel(g, s, 1e-5 if dtype == torch.float32 else 1e-2, name)
 
 
 @numpy_nan_warnings
-@pytest.mark.parametrize("impl", IMPLS)
+# The backward is one function for both impls; recompute=True runs it on recomputed a1 and e.
+@pytest.mark.parametrize("impl,recompute", [("torch", False), ("torch", True), ("triton", False)])
 @pytest.mark.parametrize("where,index", [("x", (3,)), ("D", (5,)), ("dout", (3,))])
 @pytest.mark.parametrize("poison", ["nan", "nan_row", "+inf", "-inf", "+inf_row", "-inf_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_odl_nonfinite_like_reference(impl, where, index, poison, dtype):
+def test_odl_nonfinite_like_reference(impl, recompute, where, index, poison, dtype):
     """A NaN or Inf in x (one token: one element or the row), in D (one element, or a row: one input
     coordinate of every atom) or in the upstream gradient: NaN and +-Inf at exactly the reference's
     positions in the output and every gradient."""
@@ -126,8 +143,8 @@ def test_odl_nonfinite_like_reference(impl, where, index, poison, dtype):
     else:
         dout = poisoned(dout, index, poison)
     dev = device_for(impl)
-    got = run_grads(lambda *t: odl_step(*t[:3], residual=t[3], impl=impl), *(t.to(dev) for t in (x, D, D1, r)),
-                    grad=dout.to(dev))
+    got = run_grads(lambda *t: odl_step(*t[:3], residual=t[3], recompute=recompute, impl=impl),
+                    *(t.to(dev) for t in (x, D, D1, r)), grad=dout.to(dev))
     ref = run_grads(odl_reference, x, D, D1, r, grad=dout)
     assert not all(t.isfinite().all() for t in ref)
     assert_same_nonfinite(ODL_NAMES, got, ref)
@@ -194,16 +211,19 @@ def test_odl_opcheck():
     xc = torch.randn(9, 32, device=KERNEL_DEVICE, requires_grad=True)
     dc, d1c = (torch.randn(32, 128, device=KERNEL_DEVICE) * 0.2 for _ in range(2))
     r = torch.randn(9, 32, device=KERNEL_DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default, (xc, dc.requires_grad_(), d1c, r, 0.1, 0.1))
-    torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default, (xc, dc, d1c, None, 0.1, 0.1))
+    for recompute in (False, True):
+        torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default,
+                              (xc, dc.requires_grad_(), d1c, r, 0.1, 0.1, recompute))
+        torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default, (xc, dc, d1c, None, 0.1, 0.1, recompute))
     bf = [t.detach().bfloat16().requires_grad_() for t in (xc, dc, d1c)]        # 16-bit GEMMs, fp32 stream
-    torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default, (*bf, r, 0.1, 0.1))
+    torch.library.opcheck(torch.ops.crate_fast.odl_fwd.default, (*bf, r, 0.1, 0.1, False))
 
 
 def test_odl_torch_compile_fullgraph():
     """Both fast paths trace into one graph (the Triton op, or the torch path's autograd Function)."""
     def f(x, D, D1, r):
-        return odl_step(x, D, D1, residual=r, impl="triton").sum() + odl_step(x, D, D1, impl="torch").sum()
+        return (odl_step(x, D, D1, residual=r, impl="triton").sum() + odl_step(x, D, D1, impl="torch").sum()
+                + odl_step(x, D, D1, recompute=True, impl="triton").sum())
 
     *inputs, _ = odl_inputs((17,), 32, torch.float32, KERNEL_DEVICE)
     inputs = [t.requires_grad_() for t in inputs]

@@ -19,14 +19,15 @@ from crate_fast.kernels.torch_ops import ista_uses_operator_form
 DEV = KERNEL_DEVICE
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(1, 3, 17, 48), (3, 1, 33, 64)])
-def test_mssa_writes_every_element(poisoned_allocations, shape):
+def test_mssa_writes_every_element(poisoned_allocations, shape, causal):
     w = torch.randn(*shape, device=DEV, requires_grad=True)
-    out = mssa_attention(w, impl="triton")
+    out = mssa_attention(w, causal=causal, impl="triton")
     out.backward(torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(w.grad).all()
     w64 = w.detach().double().cpu().requires_grad_()
-    assert_rel(out.detach().cpu(), mssa_attention_ref(w64))
+    assert_rel(out.detach().cpu(), mssa_attention_ref(w64, causal=causal))
 
 
 @pytest.mark.parametrize("lead,C", [((37,), 48), ((2, 9), 100)])
@@ -84,9 +85,11 @@ def test_opcheck_registrations():
     """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the three ops."""
     from crate_fast.kernels import ista, mssa  # noqa: F401  (registers the ops)
     w = torch.randn(1, 3, 17, 48, device=DEV, requires_grad=True)
-    o, lse = torch.ops.crate_fast.mssa_fwd(w.detach(), 0.2)
-    torch.library.opcheck(torch.ops.crate_fast.mssa_fwd.default, (w, 0.2))
-    torch.library.opcheck(torch.ops.crate_fast.mssa_bwd.default, (w.detach(), o, lse, torch.randn_like(o), 0.2))
+    for causal in (False, True):
+        o, lse = torch.ops.crate_fast.mssa_fwd(w.detach(), 0.2, causal)
+        torch.library.opcheck(torch.ops.crate_fast.mssa_fwd.default, (w, 0.2, causal))
+        torch.library.opcheck(torch.ops.crate_fast.mssa_bwd.default,
+                              (w.detach(), o, lse, torch.randn_like(o), 0.2, causal))
     x = torch.randn(9, 48, device=DEV, requires_grad=True)
     W = torch.randn(48, 48, device=DEV, requires_grad=True)
     torch.library.opcheck(torch.ops.crate_fast.ista_apply.default, (x, None, W, 0.1, 0.1))
@@ -96,17 +99,35 @@ def test_opcheck_registrations():
 
 def test_torch_compile_keeps_triton_ops_in_one_graph():
     def f(w, x, W):
-        return mssa_attention(w, impl="triton").sum() + ista_step(x, W, impl="triton").sum()
+        return (mssa_attention(w, impl="triton").sum() + ista_step(x, W, impl="triton").sum()
+                + (mssa_attention(w, causal=True, impl="triton") * w).sum())
 
     compiled = torch.compile(f, fullgraph=True)          # fullgraph: any graph break is an error
     w = torch.randn(1, 2, 17, 32, device=DEV, requires_grad=True)
     x = torch.randn(5, 32, device=DEV, requires_grad=True)
     W = torch.randn(32, 32, device=DEV, requires_grad=True)
     ref = f(w, x, W)
+    ref.backward()
+    want = [t.grad.clone() for t in (w, x, W)]
+    for t in (w, x, W):
+        t.grad = None
     got = compiled(w, x, W)
     assert_rel(got.detach().cpu(), ref.detach().cpu())
     got.backward()
-    assert w.grad is not None and W.grad is not None and torch.isfinite(x.grad).all()
+    for g, t in zip(want, (w, x, W), strict=True):
+        assert_rel(t.grad.cpu(), g.cpu())
+
+
+def test_torch_compile_causal_torch_path_fullgraph():
+    f = torch.compile(lambda w: mssa_attention(w, causal=True, impl="torch"), fullgraph=True)
+    w = torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    out = f(w)
+    out.backward(torch.ones_like(out))
+    w64 = w.detach().clone().requires_grad_()
+    ref = mssa_attention_ref(w64, causal=True)
+    ref.backward(torch.ones_like(ref))
+    assert_rel(out.detach(), ref.detach(), 1e-10)
+    assert_rel(w.grad, w64.grad, 1e-10)
 
 
 def test_torch_compile_model_with_torch_impl():
@@ -132,24 +153,74 @@ ROW_POISONS = ["nan", "nan_row", "+inf_row", "-inf_row"]
 
 
 @numpy_nan_warnings
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("poison", ROW_POISONS + ["+inf", "-inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_mssa_nonfinite_like_reference(impl, poison, dtype):
+def test_mssa_nonfinite_like_reference(impl, poison, dtype, causal):
     # One token of head (0, 1) poisoned (N = 37: row 33 sits in the masked tail blocks of the
     # interpreter's tiles). Its score row and column are non-finite, so that head's softmax rows
     # are NaN, or, for a -Inf score, exactly 0 in a column whose value row holds an Inf (0 * Inf = NaN).
+    # Causal: the reference's attn @ w also multiplies the masked zeros P[i, 33] (i < 33) by w[33], so
+    # its column(s) of rows 0-32 are NaN too, in blocks whose tiles the kernel never loads.
     w = poisoned(torch.randn(2, 3, 37, 32), (0, 1, 33), poison).to(device_for(impl), dtype)
     g = torch.randn(w.shape, device=w.device).to(dtype)
-    got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=g)
-    ref = run_grads(mssa_attention_ref, w.cpu(), grad=g.cpu())
+    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
     assert ref[0][1].isfinite().all(), "the other heads stay finite"
+    if causal:
+        assert ref[0][0, 1, :33].isnan().any(), "the reference's NaN reaches rows before the poisoned token"
     assert_same_nonfinite(("out", "dw"), got, ref)
 
 
 @numpy_nan_warnings
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_mssa_first_key_blocks_all_minus_inf(impl):
+@pytest.mark.parametrize("poison", ROW_POISONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mssa_upstream_nonfinite_like_reference(impl, poison, dtype, causal):
+    """A NaN in the upstream gradient of token 5 (one element or the row), or a row of +-Inf: dw has
+    NaN and +-Inf where the reference's has them. Causal: the reference's P^T dO multiplies the masked
+    zeros P[5, j] (j > 5) by dO[5], so dw[j > 5] is NaN in those columns, far past the kernel's diagonal
+    tiles of row 5."""
+    w = torch.randn(2, 3, 37, 32).to(device_for(impl), dtype)
+    g = poisoned(torch.randn(w.shape), (0, 1, 5), poison).to(w.device, dtype)
+    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
+    assert ref[1][1].isfinite().all() and not ref[1][0, 1].isfinite().all()
+    assert_same_nonfinite(("out", "dw"), got, ref)
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("poison", ["+inf", "-inf"])
+def test_mssa_triton_lone_upstream_inf_nonfinite_where_reference(poison, causal):
+    """A lone +-Inf in the upstream gradient: the kernels' delta = dO . O (FlashAttention's) is +-Inf
+    where the reference's rowsum(P dP) sums Infs of both signs (or 0 * Inf) to NaN. dw is non-finite
+    exactly where the reference's is; NaN and +-Inf may trade places (mssa.py). The torch path matches
+    exactly (test_mssa_torch_lone_upstream_inf_like_reference)."""
+    w = torch.randn(2, 3, 37, 32)
+    g = poisoned(torch.randn(w.shape), (0, 1, 5), poison)
+    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl="triton"), w.to(DEV), grad=g.to(DEV))
+    ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w, grad=g)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a.cpu().isfinite(), b.isfinite())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("poison", ["+inf", "-inf"])
+def test_mssa_torch_lone_upstream_inf_like_reference(poison, causal):
+    w = torch.randn(2, 3, 37, 32)
+    g = poisoned(torch.randn(w.shape), (0, 1, 5), poison)
+    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl="torch"), w, grad=g)
+    ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w, grad=g)
+    assert_same_nonfinite(("out", "dw"), got, ref)
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_mssa_first_key_blocks_all_minus_inf(impl, causal):
     """Rows whose scores over the first 64 keys (a whole key block at every admitted tile size) are all
     -Inf, and finite further on: the softmax is finite there, as in the reference; an online softmax
     whose running max is still -Inf must not compute exp(-inf - (-inf)) = NaN for them."""
@@ -157,8 +228,8 @@ def test_mssa_first_key_blocks_all_minus_inf(impl):
     w[0, 0, :64, 0] = math.inf            # keys 0-63: score -Inf for every query with w[..., 0] < 0
     w = w.to(device_for(impl))
     g = torch.randn(w.shape, device=w.device)
-    got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=g)
-    ref = run_grads(mssa_attention_ref, w.cpu(), grad=g.cpu())
+    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
     assert ref[0].isfinite().any(), "the test needs output rows that stay finite"
     assert_same_nonfinite(("out", "dw"), got, ref)
 
