@@ -2,10 +2,14 @@
 
     model = torch.hub.load("/path/to/crate-fast", "crate_base", source="local", num_classes=10)
 
+    model = torch.hub.load("/path/to/crate-fast", "crate_alpha_base", source="local", pretrained=True)
+
 Keywords go to crate_fast.create_model (timm's names too: global_pool, drop_path_rate). Works from a plain
 checkout (torch.hub puts it on sys.path; nothing needs to be pip-installed) and from an installed
-crate-fast alike. No weights are downloaded: ``pretrained=True`` raises an error naming the released file
-to fetch by hand (see the README's weights table and crate_fast.load_released).
+crate-fast alike. ``pretrained=True`` loads the preset's released weights from the Hugging Face Hub as
+crate_fast.create_model(name, pretrained=True) and timm do (huggingface_hub needed; the HF cache; the
+``cache_dir`` keyword); weights that are not on the Hub raise an error naming where to fetch them by hand
+(crate_fast.load_released). Nothing downloads otherwise.
 """
 import importlib.abc
 import importlib.util

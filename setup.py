@@ -38,7 +38,8 @@ setup(
         "analysis": ["matplotlib", "scikit-image", "scikit-learn"],      # pictures; linear probes
         "tensorboard": ["tensorboard"],                                  # train.py --log tensorboard
         "wandb": ["wandb"],                                              # train.py --log wandb
-        "dev": ["pytest", "pytest-benchmark", "ruff", "lion-pytorch", "timm", "matplotlib",
+        "hub": ["huggingface_hub"],          # pretrained=True, from_pretrained of a Hub repository, push_to_hub
+        "dev": ["pytest", "pytest-benchmark", "ruff", "lion-pytorch", "timm", "huggingface_hub", "matplotlib",
                 "scikit-learn", "scikit-image", "torchvision", "tensorboard", "wandb"],
     },
 )
