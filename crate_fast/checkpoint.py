@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -152,10 +153,11 @@ def _map_keys(model: nn.Module, w: Weights, layout: _Layout, ignore: set, reset_
     head = tuple(getattr(model, "head_keys", ("head.",)))
     pos_keys = set(getattr(model, "resampled_pos_keys", ("pos_embed",)))
     patch_keys = set(getattr(model, "resized_patch_keys", ()))
+    buffers = re.compile("|".join(getattr(model, "official_buffers", ())) or "(?!)")
     for k, v in w.state_dict.items():
         if k in ignore:
             continue
-        if layout.is_dropped(k):
+        if layout.is_dropped(k) or (layout.keys is not None and buffers.fullmatch(k)):
             out.dropped.append(k)
             continue
         name = layout.ours(k)
@@ -234,6 +236,13 @@ def _load(model: nn.Module, w: Weights, layout: _Layout, *, reset_head: bool | s
         raise ValueError(f"ignore names keys the file does not have: {', '.join(absent[:20])} (names as in the "
                          "file, after a 'module.' / '_orig_mod.' prefix is removed)")
     m = _map_keys(model, w, layout, ignore, reset_head, pos_grid)
+    for alias, source in getattr(model, "tied_keys", {}).items():     # one tensor under two names
+        if alias not in m.seen and source in m.tensors:
+            m.seen.add(alias)
+            m.tensors[alias] = m.tensors[source]
+    check_file = getattr(model, "check_file", None)
+    if check_file is not None:
+        check_file(w)
     kept, why = _kept_head(model, m, reset_head)
     ours = model.state_dict()
     missing = [layout.file_key(n) for n in ours if n not in m.seen and n not in kept]
@@ -321,9 +330,11 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     grid it was trained on, and :func:`load_model` rebuilds the model): the format any framework reads
     without running code. :func:`load_weights` reads it back. Raises ValueError for another suffix,
     FileNotFoundError for a missing folder."""
-    record = model_record(model)
-    save_safetensors(model.state_dict(), path, metadata={FAMILY_METADATA_KEY: record["family"],
-                                                         CONFIG_METADATA_KEY: json.dumps(record["model_config"])})
+    record, tied = model_record(model), getattr(model, "tied_keys", {})
+    # a tensor shared by two names is stored once (safetensors refuses shared memory); load_weights ties it
+    tensors = {k: v for k, v in model.state_dict().items() if k not in tied}
+    save_safetensors(tensors, path, metadata={FAMILY_METADATA_KEY: record["family"],
+                                              CONFIG_METADATA_KEY: json.dumps(record["model_config"])})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,6 +416,10 @@ def _config_of(w: Weights, arch: str | None, img_size: int | None, patch_size: i
             raise ValueError(f"{w.source!r} records a model family {w.family!r} this crate-fast does not know")
         return FAMILIES[w.family].config_class.from_dict({**w.model_config, "impl": impl})
     sizes = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
+    for fam in ([family_of(arch)] if arch else FAMILIES.values()):
+        cfg = fam.config_from_file(w, impl) if fam.config_from_file is not None else None
+        if cfg is not None:                     # a file in the family's own format that names its model
+            return cfg
     recorded = {}
     if w.run_config is not None:
         arch = arch or w.run_config["arch"]

@@ -7,7 +7,9 @@
 - :class:`ODL`: CRATE-alpha's overcomplete dictionary learning block (two ISTA steps on a 4x
   overcomplete dictionary D, synthesis by a decoupled dictionary D1).
 - :class:`CRATEAlphaBlock`: ``z_half = z + MSSA(LN1(z)); z_next = z_half + ODL(LN2(z_half))``.
-- :class:`Block`: what the blocks share (``set_impl``; ``sparsify`` for the white-box analysis).
+- :class:`OvercompleteISTA`: CRATE-GPT's two ISTA steps on an overcomplete dictionary tied between
+  analysis and synthesis (the ODL operator with D = D1, no residual).
+- :class:`Block`: what the blocks share (``set_impl``; ``compress`` / ``sparsify`` for the analysis).
 - :class:`ConvPatchEmbed`: Conv2d(kernel = stride = patch) patch embedding (CRATE-alpha, CRATE-MAE).
 
 Each takes ``impl`` (one of crate_fast.kernels.IMPLS); parameters never depend on it, and
@@ -27,19 +29,23 @@ def set_impl(module: nn.Module, impl: str) -> None:
     """Switch every MSSA, ISTA and ODL layer inside `module` to `impl`. Raises ValueError for an unknown impl."""
     check_impl(impl)
     for m in module.modules():
-        if isinstance(m, (MSSA, ISTA, ODL)):
+        if isinstance(m, (MSSA, ISTA, ODL, OvercompleteISTA)):
             m.impl = impl
 
 
 class Block(nn.Module):
     """What the CRATE blocks share: ``set_impl`` (:func:`set_impl` on the block), and for the white-box
-    analysis ``sparsify(z_half) -> (block output, sparse codes)``, the block's second half on
-    z_half = z + MSSA(LN1(z)), and ``codes_name``, what those codes are."""
+    analysis the two halves of a layer: ``compress(z) -> z_half = z + MSSA(LN1(z))`` (the block's own
+    attention: causal in CRATE-GPT) and ``sparsify(z_half) -> (block output, sparse codes)``, with
+    ``codes_name``, what those codes are."""
 
     codes_name = "codes"
 
     def set_impl(self, impl: str) -> None:
         set_impl(self, impl)
+
+    def compress(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.attn(self.norm1(z))
 
 
 class MSSA(nn.Module):
@@ -49,11 +55,13 @@ class MSSA(nn.Module):
     out = [softmax(w_k w_k^T / sqrt(dim_head)) w_k]_k U_out^T + b_out.
     ``dropout`` drops attention probabilities and the output, as the official Attention does; while
     training with dropout > 0 the attention runs on the reference path (the fused kernels have none).
-    ``out_bias=False`` drops b_out (CRATE-alpha's output projection has none).
+    ``out_bias=False`` drops b_out (CRATE-alpha's output projection has none). ``out_proj``: True always
+    keeps U_out (CRATE-GPT's c_proj); None (default) follows the official CRATE, which skips it for one
+    head spanning the whole width.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int | None = None, dropout: float = 0.0,
-                 impl: str = "auto", out_bias: bool = True):
+                 impl: str = "auto", out_bias: bool = True, out_proj: bool | None = None):
         super().__init__()
         dim_head = dim // heads if dim_head is None else dim_head
         inner = heads * dim_head
@@ -62,7 +70,8 @@ class MSSA(nn.Module):
         self.attn_dropout = dropout
         self.qkv = nn.Linear(dim, inner, bias=False)   # U = [U_1 .. U_K], official name kept
         # The official code skips the output projection only for one head spanning the whole width.
-        self.out = nn.Linear(inner, dim, bias=out_bias) if not (heads == 1 and dim_head == dim) else None
+        keep = out_proj if out_proj is not None else not (heads == 1 and dim_head == dim)
+        self.out = nn.Linear(inner, dim, bias=out_bias) if keep else None
         self.out_drop = nn.Dropout(dropout)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,27 +79,38 @@ class MSSA(nn.Module):
         B, N, _ = x.shape
         return self.qkv(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)
 
-    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax(w w^T * scale) for each head: (B, N, dim) -> (B, heads, N, N), in fp32."""
+    def attend(self, w: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """softmax(w w^T * scale) w per head, causally masked when is_causal: (B, heads, N, dim_head) ->
+        (B, heads, N, dim_head); with dropout on the probabilities while training (the reference path)."""
+        if self.attn_dropout > 0 and self.training:
+            return mssa_attention_ref(w, self.scale, self.attn_dropout, training=True, causal=is_causal)
+        return mssa_attention(w, self.scale, causal=is_causal, impl=self.impl)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B, heads, N, dim_head) -> (B, N, dim): heads concatenated, the output projection
+        and its dropout."""
+        B, _, N, _ = o.shape
+        o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)        # 'b h n d -> b n (h d)'
+        return o if self.out is None else self.out_drop(self.out(o))
+
+    def attention_probs(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """softmax(w w^T * scale) for each head, causally masked when is_causal: (B, N, dim) ->
+        (B, heads, N, N), in fp32."""
         w = self.project(x).float()
-        return torch.softmax(torch.matmul(w, w.transpose(-1, -2)) * self.scale, dim=-1)
+        scores = torch.matmul(w, w.transpose(-1, -2)) * self.scale
+        if is_causal:
+            n = scores.shape[-1]
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=w.device).triu(1), float("-inf"))
+        return torch.softmax(scores, dim=-1)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        # attn_mask / is_causal exist so MSSA drops into timm-style blocks, which pass them.
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("MSSA attends over all tokens; masks and causal attention are not "
-                                      "supported")
-        B, N, _ = x.shape
-        w = self.project(x)                                            # (B, H, N, D), strided view
-        if self.attn_dropout > 0 and self.training:
-            o = mssa_attention_ref(w, self.scale, self.attn_dropout, training=True)
-        else:
-            o = mssa_attention(w, self.scale, impl=self.impl)
-        o = o.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)   # 'b h n d -> b n (h d)'
-        if self.out is None:
-            return o
-        return self.out_drop(self.out(o))
+        """(B, N, dim) -> (B, N, dim); is_causal: token i attends to tokens j <= i (CRATE-GPT). attn_mask
+        (timm-style blocks pass one) is refused: MSSA attends over all tokens, or causally."""
+        if attn_mask is not None:
+            raise NotImplementedError("MSSA takes no attention mask: it attends over all tokens, or causally "
+                                      "(is_causal=True)")
+        return self.merge(self.attend(self.project(x), is_causal))               # w: (B, H, N, D), strided view
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, impl={self.impl!r}"
@@ -162,14 +182,16 @@ class ODL(nn.Module):
 
     D, D1: (dim, ratio * dim) analysis and (decoupled) synthesis dictionaries. forward(x, residual)
     returns residual + out, with the add fused where the impl can (crate_fast.kernels.odl_step).
+    recompute=True halves the activation bytes saved for the backward, which then recomputes the first
+    code (2 more GEMMs of 12); False (the default) is the faster step (odl_step).
     """
 
     def __init__(self, dim: int, overcomplete_ratio: int = 4, step_size: float = 0.1, lambd: float = 0.1,
-                 impl: str = "auto"):
+                 impl: str = "auto", recompute: bool = False):
         super().__init__()
         self.D = nn.Parameter(torch.empty(dim, overcomplete_ratio * dim))
         self.D1 = nn.Parameter(torch.empty(dim, overcomplete_ratio * dim))
-        self.step_size, self.lambd = step_size, lambd
+        self.step_size, self.lambd, self.recompute = step_size, lambd, recompute
         self.impl = check_impl(impl)
         self.reset_parameters()
 
@@ -182,7 +204,8 @@ class ODL(nn.Module):
         nn.init.uniform_(self.D1, -bound, bound)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return odl_step(x, self.D, self.D1, self.step_size, self.lambd, residual=residual, impl=self.impl)
+        return odl_step(x, self.D, self.D1, self.step_size, self.lambd, residual=residual, recompute=self.recompute,
+                        impl=self.impl)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +214,40 @@ class ODL(nn.Module):
 
     def extra_repr(self) -> str:
         d, m = self.D.shape
+        return (f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, recompute={self.recompute}, "
+                f"impl={self.impl!r}")
+
+
+class OvercompleteISTA(nn.Module):
+    """CRATE-GPT's sparse coding (crate-lm crate_overcomplete.py's MLP): two non-negative ISTA steps from a
+    zero code on an overcomplete dictionary tied between analysis and synthesis, W (ratio * dim x dim).
+    x: (..., dim) -> (..., dim):
+
+        a1 = relu(eta x W^T - eta lambda);  a2 = relu(a1 + eta (x W^T - a1 W W^T) - eta lambda);  out = a2 W
+
+    which is crate_fast.kernels.odl_step(x, W^T, W^T) (D = D1 = W^T, no residual). Initialized
+    kaiming-uniform as crate-lm (fan_in = dim: U(+-sqrt(6 / dim)))."""
+
+    def __init__(self, dim: int, overcomplete_ratio: int = 4, step_size: float = 0.1, lambd: float = 0.1,
+                 impl: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(overcomplete_ratio * dim, dim))
+        self.step_size, self.lambd = step_size, lambd
+        self.impl = check_impl(impl)
+        nn.init.kaiming_uniform_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.weight.t()                                              # (dim, atoms): D = D1, a view
+        return odl_step(x, d, d, self.step_size, self.lambd, residual=None, impl=self.impl)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse codes a2 (..., ratio * dim) of x, in fp32 or wider (for the analysis, interventions)."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        return odl_codes_ref(x.to(work), self.weight.t().to(work), self.step_size, self.lambd)
+
+    def extra_repr(self) -> str:
+        m, d = self.weight.shape
         return f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
 
 

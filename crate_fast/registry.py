@@ -6,7 +6,7 @@ import difflib
 
 from torch import nn
 
-from .models import crate, crate_alpha, crate_mae
+from .models import crate, crate_alpha, crate_gpt, crate_mae
 from .models.family import Family
 from .released import RELEASED
 
@@ -27,7 +27,8 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _family in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY, crate_mae.CLASSIFIER_FAMILY):
+for _family in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY, crate_mae.CLASSIFIER_FAMILY,
+                crate_gpt.FAMILY):
     register_family(_family)
 
 

@@ -9,7 +9,10 @@
   time, both splits) and the conversion's version: a folder that changed is converted again (saying
   so), and the outdated entry removed;
 - ``cifar10``, ``cifar100``, ``flowers102``, ``pets``: torchvision's data sets, downloaded into
-  --data-root, or read from there when already on disk.
+  --data-root, or read from there when already on disk;
+- token data for the language models (text.py): ``pydocs`` (the embedded corpus) or a directory holding
+  nanoGPT's ``train.bin`` and ``val.bin``; batches of random windows, (x, y) token ids. Their
+  Loaders.num_classes is the vocabulary size.
 
 loader="ffcv" (default) or "torchvision" (no FFCV needed; slower). Both read the same samples in the
 same order for the same seed (sharding.py).
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fallback, loaders
+from . import fallback, loaders, sharding, text
 from ._ffcv import require_ffcv
 from .datasets import Images
 from .digits import NUM_CLASSES as DIGITS_CLASSES
@@ -60,6 +63,7 @@ class Loaders:
     train: object
     val: object
     num_classes: int
+    tokenizer: str | None = None     # token data: the tokenizer of its ids (text.TOKENIZERS)
 
 
 @dataclass
@@ -86,19 +90,26 @@ class LoaderOptions:
     os_cache: bool = True
     synthetic_steps: int = 50
     num_classes: int = 1000          # synthetic only
+    block_size: int | None = None    # token data: tokens per window
+    epoch_steps: int = 100           # token data: training batches per epoch (random windows)
+    val_steps: int = 20              # token data: batches per validation
 
 
 def kind_of(data: str) -> str:
-    """digits | synthetic | beton_dir | image_folder | a torchvision name; raises a clear error otherwise."""
-    if data in ("digits", "synthetic") or data in TORCHVISION_SETS:
+    """digits | synthetic | pydocs | beton_dir | image_folder | token_dir | a torchvision name; raises a
+    clear error otherwise."""
+    if data in ("digits", "synthetic", "pydocs") or data in TORCHVISION_SETS:
         return data
     if os.path.isdir(data):
         if all(os.path.isfile(os.path.join(data, f"{s}.beton")) for s in ("train", "val")):
             return "beton_dir"
+        if all(os.path.isfile(os.path.join(data, f"{s}.bin")) for s in ("train", "val")):
+            return "token_dir"
         if all(os.path.isdir(os.path.join(data, s)) for s in ("train", "val")):
             return "image_folder"
-        raise ValueError(f"--data {data!r}: expected train.beton and val.beton, or train/ and val/ ImageFolders")
-    raise FileNotFoundError(f"--data {data!r} is not a directory nor one of: digits, synthetic, "
+        raise ValueError(f"--data {data!r}: expected train.beton and val.beton, train/ and val/ ImageFolders, or "
+                         "train.bin and val.bin (token ids)")
+    raise FileNotFoundError(f"--data {data!r} is not a directory nor one of: digits, synthetic, pydocs, "
                             f"{', '.join(TORCHVISION_SETS)}")
 
 
@@ -267,6 +278,19 @@ def _sources(data: str, kind: str, data_root: str) -> tuple[dict, int]:
     raise ValueError(f"--loader torchvision cannot read {kind} data; use --loader ffcv")
 
 
+def _token_loaders(directory: str, opts: LoaderOptions) -> Loaders:
+    """Random-window loaders of a token directory (text.TokenWindows), this rank's windows."""
+    if opts.block_size is None:
+        raise ValueError("token data needs LoaderOptions.block_size (the tokens per window)")
+    paths, meta = text.token_paths(directory), text.read_meta(directory)
+    rank = sharding.rank_world()[0] if opts.distributed else 0
+    common = dict(block_size=opts.block_size, device=opts.device, seed=opts.seed, rank=rank)
+    train = text.TokenWindows(paths["train"], batch_size=opts.batch_size, steps=opts.epoch_steps, train=True, **common)
+    val = text.TokenWindows(paths["val"], batch_size=opts.val_batch_size or opts.batch_size, steps=opts.val_steps,
+                            train=False, **common)
+    return Loaders(train, val, meta["vocab_size"], meta["tokenizer"])
+
+
 def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache_dir: str = DEFAULT_CACHE,
                   data_root: str | None = None) -> Loaders:
     """(train, val) loaders and the class count for a --data value (see the module docstring).
@@ -283,6 +307,8 @@ def build_loaders(data: str, opts: LoaderOptions, *, loader: str = "ffcv", cache
     kind = kind_of(data)
     data_root = data_root or os.path.join(cache_dir, "datasets")
     vbs = opts.val_batch_size or opts.batch_size
+    if kind in ("pydocs", "token_dir"):
+        return _token_loaders(data if kind == "token_dir" else prepare_once(lambda: text.pydocs_dir(cache_dir)), opts)
     if kind == "synthetic":
         if opts.batch_transform is not None:
             raise ValueError("batch_transform needs uint8 images; synthetic batches are random floats")

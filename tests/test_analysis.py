@@ -264,7 +264,7 @@ def test_crate_mae_encoder_tokens_are_forward_features_input():
         assert not torch.equal(embed_tokens(model, x, "size"), embed_tokens(model, x))
     with pytest.raises(ValueError, match="pos_interp"):
         embed_tokens(model, x, "zoom")
-    with pytest.raises(TypeError, match="CRATE, CRATE-alpha and CRATE-MAE"):
+    with pytest.raises(TypeError, match="CRATE, CRATE-alpha, CRATE-MAE and CRATE-GPT models here, got Linear"):
         embed_tokens(torch.nn.Linear(3, 3), x)
 
 

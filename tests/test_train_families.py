@@ -131,7 +131,9 @@ def test_mae_pretraining_resumes_exactly_and_probes(tmp_path):
         for k in ("train_loss", "val_loss", "lr", "step"):
             assert ra[k] == rb[k], (k, ra[k], rb[k])
     probe = json.load(open(os.path.join(full, "probe.json")))
-    assert set(probe) == {"pretrained", "init"} and all(0 <= r["val_top1"] <= 100 for r in probe.values())
+    assert set(probe) == {"pretrained", "init"} and all(set(by_pool) == {"cls", "mean"} for by_pool in probe.values())
+    assert all(r["pool"] == pool and 0 <= r["val_top1"] <= 100
+               for by_pool in probe.values() for pool, r in by_pool.items())
     # the best weights are a CRATE-MAE state_dict that loads into a fresh model
     model = crate_fast.create_model("mae_crate_tiny", img_size=16, patch_size=4)
     crate_fast.load_weights(model, os.path.join(full, "model.safetensors"))
@@ -167,3 +169,28 @@ def test_mae_pretraining_under_two_process_ddp(tmp_path):
     assert row["step"] == 3 and row["val_samples"] > 0
     assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
     assert set(json.load(open(os.path.join(out, "probe.json")))) == {"pretrained", "init"}
+
+
+def test_crate_gpt_trains_on_the_embedded_text_resumes_exactly_and_samples(tmp_path):
+    """train.py --arch crate_gpt_tiny --data pydocs: random windows of the standard library's docstrings, the
+    language-modeling objective, exact resume (the windows of an epoch replay), a text sample at the end."""
+    args = ["--arch", "crate_gpt_tiny", "--data", "pydocs", "--epochs", "2", "--epoch-steps", "3", "--val-steps", "2",
+            "--batch-size", "4", "--block-size", "32", "--log-every", "1000",
+            "--cache-dir", str(tmp_path / "cache")]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    assert train.main(args + ["--out", full]) == 0
+    assert train.main(args + ["--out", split, "--stop-after", "1"]) == 0
+    assert train.main(args + ["--out", split, "--resume", "auto"]) == 0
+    a, b = rows(full), rows(split)
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_loss", "val_loss", "val_ppl", "lr", "step"):
+            assert ra[k] == rb[k], (k, ra[k], rb[k])
+    assert a[-1]["val_tokens"] == 2 * 4 * 32 and a[-1]["tok_per_s"] > 0
+    sample = open(os.path.join(full, "sample.txt"), encoding="utf-8").read()
+    assert sample.startswith("The ") and len(sample) > 100
+    model = crate_fast.load_model(os.path.join(full, "model.safetensors"))
+    assert model.config.block_size == 32 and model.config.vocab_size == 256
+    with pytest.raises(SystemExit, match="holds token ids; CRATE models read images"):
+        train.resolve(train.TrainConfig(arch="crate_tiny", data="pydocs"))
+    with pytest.raises(SystemExit, match="holds images; CRATE-GPT models read tokens"):
+        train.resolve(train.TrainConfig(arch="crate_gpt_tiny", data="digits"))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
+from ..data import text
 from ..io import read_weights
 from ..progress import Progress
 from ..registry import family_of_config
@@ -43,7 +44,8 @@ from .pca import foreground_mask, pca_rgb
 from .plots import plot_curve, plot_heads, plot_pca, plot_reconstruction
 from .reconstruction import mae_reconstruction
 from .stats import layer_stats
-from .tokens import check_pos_interp, sparse_code_name
+from .text import analyze_text
+from .tokens import check_pos_interp, reads_tokens, sparse_code_name
 
 
 def _is_mae(model) -> bool:
@@ -143,15 +145,12 @@ def analyze(model, images: torch.Tensor, pictures: np.ndarray, out: str, *, laye
     return result
 
 
-def main(argv=None) -> int:
-    """The command line (see the module docstring). Returns 0, or 2 after printing `error: ...` for a
-    missing or unreadable checkpoint or image, an unknown --arch, a --size not divisible by the patch, an
-    out-of-range --layer / --heads / --tau / --fg-threshold / --mask-ratio, or --mask-ratio for a classifier;
-    nothing is written before the arguments are checked."""
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m crate_fast.analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="train.py checkpoint (best.pt / last.pt) or other weights")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--images", nargs="+", help="image files; 'digits' for the embedded data set")
+    ap.add_argument("--text", help="language models (CRATE-GPT): the text to analyze")
     ap.add_argument("--arch", help="preset of weights that are not a run checkpoint (official files, state_dicts): "
                                    "crate_small, crate_alpha_base, mae_crate_base, ... (crate_fast.list_models())")
     ap.add_argument("--img-size", type=int, help="weights that do not record their model: training image size "
@@ -172,31 +171,57 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="allow a checkpoint whose loading runs code from the file (only for files you trust)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _image_job(args, model):
+    """The image analysis, its arguments checked: a function that runs it."""
+    size = args.size or model.config.img_size[0]
+    if size % model.config.patch_size[0]:
+        raise ValueError(f"--size {size} is not divisible by the patch size {model.config.patch_size[0]}")
+    layer, heads, mask_ratio = check_options(model, layer=args.layer, heads=args.heads, tau=args.tau,
+                                             pos_interp=args.pos_interp, fg_threshold=args.fg_threshold,
+                                             mask_ratio=args.mask_ratio, cli=True)
+    images, pictures = load_images(args.images, size)
+    recon_images = None
+    if mask_ratio is not None and size != model.config.img_size[0]:   # the masked forward: the model's size
+        recon_images = load_images(args.images, model.config.img_size[0])[0]
+    return lambda: analyze(model, images, pictures, args.out, layer=layer, heads=heads, tau=args.tau,
+                           pos_interp=args.pos_interp, fg_threshold=args.fg_threshold, mask_ratio=mask_ratio,
+                           seed=args.seed, recon_images=recon_images, device=args.device)
+
+
+def _text_job(args, model):
+    """The analysis of a language model on --text (bytes for a 256-token vocabulary, else GPT-2 BPE)."""
+    if not args.text:
+        raise ValueError(f"{type(model).__name__} reads text: pass --text")
+    tok = text.tokenizer("bytes" if model.config.vocab_size == 256 else "gpt2")
+    ids = tok.encode(args.text)[: model.config.block_size]
+    idx = torch.tensor([ids], device=args.device)
+    labels = [tok.decode([i]) for i in ids]
+    layer, heads = check_layer(model, args.layer), check_heads(model, args.heads)
+    return lambda: analyze_text(model.to(args.device), idx, labels, args.out, layer=layer, heads=heads)
+
+
+def main(argv=None) -> int:
+    """The command line (see the module docstring). Returns 0, or 2 after printing `error: ...` for a
+    missing or unreadable checkpoint or image, an unknown --arch, a --size not divisible by the patch, an
+    out-of-range --layer / --heads / --tau / --fg-threshold / --mask-ratio, --mask-ratio for a classifier,
+    or a language model without --text; nothing is written before the arguments are checked."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         weights = read_weights(args.ckpt, trusted=args.trust_checkpoint)
         model = load_model(weights, args.arch, args.img_size, args.patch_size)
-        size = args.size or model.config.img_size[0]
-        if size % model.config.patch_size[0]:
-            raise ValueError(f"--size {size} is not divisible by the patch size {model.config.patch_size[0]}")
-        layer, heads, mask_ratio = check_options(model, layer=args.layer, heads=args.heads, tau=args.tau,
-                                                 pos_interp=args.pos_interp, fg_threshold=args.fg_threshold,
-                                                 mask_ratio=args.mask_ratio, cli=True)
-        images, pictures = load_images(args.images, size)
-        recon_images = None
-        if mask_ratio is not None and size != model.config.img_size[0]:   # the masked forward: the model's size
-            recon_images = load_images(args.images, model.config.img_size[0])[0]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a file, not a directory")
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        job = _text_job(args, model) if reads_tokens(model) else _image_job(args, model)
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (weights.run_config or {}).get("data") == "digits" and args.images is None:
         print("note: this model was trained on digits; pass --images digits for in-distribution pictures")
-    result = analyze(model, images, pictures, args.out, layer=layer, heads=heads, tau=args.tau,
-                     pos_interp=args.pos_interp, fg_threshold=args.fg_threshold, mask_ratio=mask_ratio,
-                     seed=args.seed, recon_images=recon_images, device=args.device)
+    result = job()
     rc = [round(s["coding_rate"], 1) for s in result["layers"]]
     sp = [round(s["sparsity"], 3) for s in result["layers"]]
     rec = f"; reconstruction loss {result['reconstruction']['loss']:.4f}" if "reconstruction" in result else ""

@@ -1,6 +1,7 @@
 """Where a CRATE-family model looks: the CLS token's attention per head, DINO-style masks, the features the
-PCA reads. Every family: CRATE and CRATE-alpha, and CRATE-MAE's encoder on the whole image (mask ratio 0;
-tokens.py says which tokens each family's blocks see).
+PCA reads. Every image family: CRATE and CRATE-alpha, and CRATE-MAE's encoder on the whole image (mask
+ratio 0; tokens.py says which tokens each family's blocks see); for CRATE-GPT the causal attention of
+every position of a text (token_attention).
 
 Sources of the formulas (docs cite them by repository and file):
   attention maps   DINO's `get_last_selfattention` + `attentions[0, :, 0, 1:]` (facebookresearch/dino,
@@ -65,6 +66,7 @@ def check_heads(model: nn.Module, heads: Sequence[int] | None) -> list[int]:
 @torch.no_grad()
 def _layer_input(model: nn.Module, images: torch.Tensor, layer: int, pos_interp: str):
     """(block `layer`, LN1 of its input tokens, patch grid), in fp32, with the model's mode restored."""
+    check_model(model, "images")
     layer = check_layer(model, layer)
     check_pos_interp(pos_interp)
     model = float_model(model)
@@ -80,6 +82,32 @@ def _layer_input(model: nn.Module, images: torch.Tensor, layer: int, pos_interp:
                 x = blk(x)
             blk = model.blocks[layer]
             return blk, blk.norm1(x), grid
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def token_attention(model: nn.Module, idx: torch.Tensor, layer: int = -1,
+                    heads: Sequence[int] | None = None) -> torch.Tensor:
+    """A language model's causal attention at block `layer`: softmax(w w^T * scale) under the causal mask,
+    for every query position (rows) over the keys (columns) of a text.
+
+    model: CRATE-GPT; idx: (B, T) token ids, T <= block_size; layer / heads as attention_maps'.
+    Returns (B, len(heads), T, T) fp32, each row summing to 1 over the positions up to its own. The model
+    runs in fp32 in eval mode (a 16-bit model is copied) and its mode is restored. Raises TypeError for
+    another kind of model, ValueError for a bad layer, head or text."""
+    check_model(model, "tokens")
+    layer, heads = check_layer(model, layer), check_heads(model, heads)
+    model = float_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(idx.device.type, enabled=False):
+            x = embed_tokens(model, idx.to(next(model.parameters()).device))
+            for blk in model.blocks[:layer]:
+                x = blk(x)
+            blk = model.blocks[layer]
+            return blk.attn.attention_probs(blk.norm1(x), is_causal=True)[:, heads]
     finally:
         model.train(was_training)
 

@@ -111,3 +111,28 @@ def plot_reconstruction(rec: dict, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_token_attention(maps: np.ndarray, labels: list[str], path: str, title: str,
+                         heads: list[int] | None = None) -> None:
+    """A language model's causal attention on a text: (heads, T, T) maps, one panel per head, queries as
+    rows and keys as columns, each axis labelled with the tokens (labels, T strings)."""
+    plt = _pyplot()
+    n, t = maps.shape[0], maps.shape[-1]
+    cols = min(n, 2)
+    rows = int(np.ceil(n / cols))
+    size = min(7.0, max(3.0, 0.12 * t))
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for h in range(n):
+        ax = axes.flat[h]
+        ax.axis("on")
+        ax.imshow(maps[h], cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(t), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(t), labels, fontsize=6)
+        ax.set_title(f"head {h if heads is None else heads[h]}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

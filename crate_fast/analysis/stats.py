@@ -67,9 +67,11 @@ def layer_stats(model: nn.Module, images: torch.Tensor, eps: float = EPS, pos_in
     computed in fp32.
 
     model: CRATE, CRATE-alpha or CRATE-MAE (its encoder on the whole image, mask ratio 0: the tokens
-    forward_features sees). sparsity counts the zeros of the ISTA output (CRATE, CRATE-MAE) or of the ODL
-    codes a2 (CRATE-alpha); see the module docstring.
-    images: (B, C, H, W) float, H and W divisible by the patch; off the training grid the position table
+    forward_features sees), or CRATE-GPT (its causal layers on a text). sparsity counts the zeros of the
+    ISTA output (CRATE, CRATE-MAE, square CRATE-GPT) or of the sparse codes a2 (CRATE-alpha's ODL,
+    overcomplete CRATE-GPT); see the module docstring.
+    images: (B, C, H, W) float, H and W divisible by the patch, or a language model's (B, T) token ids
+    (every position's token counts, T of them); off the training grid the position table
     is resized by `pos_interp` ("dino", the CRATE notebooks' way and CRATE-MAE's forward_features, or
     "size", the classifiers' forward). The layers run exactly as their blocks' forward does, step by
     step: no hooks are registered, so nothing lingers on the model after the call; a 16-bit model is
@@ -84,13 +86,14 @@ def layer_stats(model: nn.Module, images: torch.Tensor, eps: float = EPS, pos_in
     try:
         device = next(model.parameters()).device
         with torch.autocast(device.type, enabled=False):
-            x = embed_tokens(model, images.to(device, torch.float32), pos_interp)
+            inputs = images.to(device) if not images.is_floating_point() else images.to(device, torch.float32)
+            x = embed_tokens(model, inputs, pos_interp)
             out = []
             for blk in model.blocks:
                 zn = blk.norm1(x)
                 rc = coding_rate(blk.attn.project(zn), eps)
                 r = expansion_rate(zn, eps)
-                x, codes = blk.sparsify(x + blk.attn(zn))
+                x, codes = blk.sparsify(blk.compress(x))
                 zf = zero_fraction(codes)
                 out.append({name: float(v) for name, v in [
                     ("coding_rate", rc.mean()), ("coding_rate_std", _std(rc)),

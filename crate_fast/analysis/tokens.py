@@ -25,14 +25,21 @@ from ..registry import family_of_config
 POS_INTERPS = ("dino", "size")
 
 
-def check_model(model: nn.Module) -> None:
-    """TypeError unless `model` is a crate_fast image model the analysis reads (CRATE, CRATE-alpha,
-    CRATE-MAE: a registered family whose blocks can ``sparsify``)."""
-    ok = isinstance(model, CRATEModel) and family_of_config(model.config).inputs == "images" \
-        and hasattr(model.blocks[0], "sparsify")
+def check_model(model: nn.Module, inputs: str | None = None) -> None:
+    """TypeError unless `model` is a crate_fast model the analysis reads (CRATE, CRATE-alpha, CRATE-MAE,
+    CRATE-GPT: a registered family whose blocks ``compress`` and ``sparsify``) and, when `inputs` is given,
+    one that reads those inputs ("images" or "tokens")."""
+    ok = isinstance(model, CRATEModel) and hasattr(model.blocks[0], "sparsify") and \
+        (inputs is None or family_of_config(model.config).inputs == inputs)
     if not ok:
-        raise TypeError(f"the white-box analysis reads CRATE, CRATE-alpha and CRATE-MAE models, got "
-                        f"{type(model).__name__}")
+        what = {"images": "CRATE, CRATE-alpha and CRATE-MAE", "tokens": "CRATE-GPT"}.get(
+            inputs, "CRATE, CRATE-alpha, CRATE-MAE and CRATE-GPT")
+        raise TypeError(f"the white-box analysis reads {what} models here, got {type(model).__name__}")
+
+
+def reads_tokens(model: nn.Module) -> bool:
+    """Whether the model reads token ids (a language model) rather than images."""
+    return family_of_config(model.config).inputs == "tokens"
 
 
 def check_pos_interp(pos_interp: str) -> str:
@@ -49,16 +56,17 @@ def float_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
-def embed_tokens(model: nn.Module, images: torch.Tensor, pos_interp: str = "dino") -> torch.Tensor:
-    """The tokens entering the first (encoder) block: (B, C, H, W) images -> (B, 1 + H/p * W/p, dim),
-    CLS first, in the dtype of the model and images. H and W: any multiple of the patch.
+def embed_tokens(model: nn.Module, inputs: torch.Tensor, pos_interp: str = "dino") -> torch.Tensor:
+    """The tokens entering the first (encoder) block: (B, C, H, W) images -> (B, 1 + H/p * W/p, dim), CLS
+    first, in the dtype of the model and images (H and W: any multiple of the patch); for a language
+    model (B, T) token ids -> (B, T, dim) token + position embeddings (pos_interp does not apply).
 
     For CRATE-MAE with pos_interp="dino" this is exactly what forward_features feeds its blocks (at the
     config's size also forward_encoder's tokens at mask ratio 0: every patch, none replaced by the mask
-    token). Raises ValueError for a bad pos_interp or image size, TypeError for another model."""
+    token). Raises ValueError for a bad pos_interp or input size, TypeError for another model."""
     check_model(model)
     check_pos_interp(pos_interp)
-    return model.embed(images, pos_interp=pos_interp)
+    return model.embed(inputs) if reads_tokens(model) else model.embed(inputs, pos_interp=pos_interp)
 
 
 def sparse_code_name(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from crate_fast.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..layers import resample_pos_embed, set_impl
+from ..layers import Block, resample_pos_embed, set_impl
 
 # Pooling of a token sequence (B, 1 + N, dim): "cls" the CLS token; "mean" the mean of the tokens (every
 # token in the classifiers, as the official CRATE; the patch tokens in CRATE-MAE, as FAIR MAE's global
@@ -21,6 +21,24 @@ POOLS = ("cls", "mean")
 CLASSIFIER_POOLS = (*POOLS, "none")
 # timm's global_pool names -> ours
 GLOBAL_POOLS = {"token": "cls", "avg": "mean", "cls": "cls", "mean": "mean", "": "none", "none": "none"}
+
+
+# What CRATEModel's Hugging Face Hub methods call: crate_fast.hub, which needs the family registry and the
+# loader above models/ and so installs itself here (provide_hub) when `import crate_fast` runs, as every use
+# of this module does first (docs/DESIGN.md §1, §12).
+_HUB = None
+
+
+def provide_hub(implementation) -> None:
+    """Install what save_pretrained / from_pretrained / push_to_hub call (crate_fast.hub does, at import)."""
+    global _HUB
+    _HUB = implementation
+
+
+def _hub():
+    if _HUB is None:
+        raise RuntimeError("crate_fast.hub is not loaded: import crate_fast")
+    return _HUB
 
 
 def pool_for(global_pool: str) -> str:
@@ -53,11 +71,21 @@ class CRATEModel(nn.Module):
         the same gradients for one more forward of the blocks."""
         self.grad_checkpointing = enable
 
-    def run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One block, checkpointed while training with grad_checkpointing on (only its input is kept)."""
+    def run_block(self, blk: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One block, checkpointed while training with grad_checkpointing on (only its input is kept).
+        A block compiled by train.py --compile runs compiled while training (fixed batches); evaluation and
+        generation call its eager forward (their last batch is partial and generation passes a cache: a
+        compiled block would recompile for each, and a dynamic-batch graph measured ~30x slower on CPU)."""
+        if blk._compiled_call_impl is not None and not self.training:
+            return blk._call_impl(x, **kwargs)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+            return checkpoint(blk, x, use_reentrant=False, **kwargs)
+        return blk(x, **kwargs)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every block of the model (encoder and decoder): the regions train.py --compile compiles one by
+        one (torchtitan's per-block compile: identical blocks share one compiled graph)."""
+        return [m for m in self.modules() if isinstance(m, Block)]
 
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
@@ -67,6 +95,24 @@ class CRATEModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that recipes may exclude from weight decay (timm convention)."""
         return set()
+
+    # The Hugging Face Hub (crate_fast.hub; huggingface_hub's PyTorchModelHubMixin interface, our own keys)
+    def save_pretrained(self, save_directory, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_to_hub_kwargs):
+        """Write config.json (the config fields and the family) and model.safetensors (our keys; the family and
+        config in its metadata) to a folder, optionally pushing it: crate_fast.hub.save_pretrained."""
+        return _hub().save_pretrained(self, save_directory, push_to_hub=push_to_hub, repo_id=repo_id,
+                                      **push_to_hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload save_pretrained's files to a Hub repository: crate_fast.hub.push_to_hub."""
+        return _hub().push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The model of this class a folder (save_pretrained's, a train.py run's) or Hub repository holds,
+        loaded strictly: crate_fast.hub.from_pretrained (TypeError for a model of another class)."""
+        return _hub().from_pretrained(pretrained_model_name_or_path, model_class=cls, **kwargs)
 
 
 class TokenClassifier(CRATEModel):
