@@ -1,5 +1,5 @@
 """Train (or finetune, or evaluate) a CRATE-family model: CRATE and CRATE-alpha classifiers, CRATE-MAE
-masked-autoencoder pretraining.
+masked-autoencoder pretraining, CRATE-GPT language models.
 
 CPU, the embedded digits data set (the README's main job; about 2 minutes on 2 cores):
     torchrun --standalone --nproc_per_node=1 train.py --arch crate_tiny --data digits --out runs/digits
@@ -24,10 +24,14 @@ CRATE-alpha, the paper's two stages (named recipes; --recipe picks one whatever 
         --finetune runs/a21k/model.safetensors --out runs/a1k
 CRATE-MAE pretraining (FAIR's MAE loop), then a linear probe of the encoder (--probe, scikit-learn):
     torchrun --nproc_per_node=8 train.py --arch mae_crate_base --data /data/imagenet --out runs/mae --norm-pix-loss
-    python train.py --arch mae_crate_tiny --data digits --out runs/mae_digits --probe    # the CPU demo
+    python train.py --arch mae_crate_digits --data digits --out runs/mae_digits --probe  # the CPU demo
+CRATE-GPT on the embedded corpus (the standard library's docstrings as bytes; minutes on 2 CPU cores, ends
+with a text sample), or on nanoGPT's train.bin / val.bin (crate-lm's OpenWebText recipe):
+    python train.py --arch crate_gpt_tiny --data pydocs --out runs/gpt_pydocs
+    torchrun --nproc_per_node=8 train.py --arch crate_gpt_base --data /data/owt --out runs/gpt --compile
 
 Every --data source brings a recipe (image size, epochs, optimizer, lr ...; crate_fast/training/recipes.py), or
---recipe names one (crate_alpha_in21k, crate_alpha_in1k_ft, mae_pretrain); any flag overrides them. The
+--recipe names one (crate_alpha_in21k, crate_alpha_in1k_ft, mae_pretrain, crate_gpt_owt); flags override them. The
 resolved config is printed and saved as RUN_DIR/config.json; RUN_DIR also gets metrics.jsonl (one row per
 epoch), last.pt and best.pt (written atomically by rank 0; crate_fast/training/runs.py) and
 model.safetensors (the best model's weights alone, for crate_fast.load_model / load_weights or any framework).
@@ -54,14 +58,14 @@ from crate_fast.data import LoaderOptions, RandAugment, build_loaders
 from crate_fast.data.sources import DEFAULT_CACHE
 from crate_fast.flops import flops_per_sample, peak_flops
 from crate_fast.io import save_atomic
-from crate_fast.probe import linear_probe
 from crate_fast.progress import Progress
 from crate_fast.registry import family_of
 from crate_fast.training import dist, loggers, runs
 from crate_fast.training.flags import parser_for
+from crate_fast.training.graphs import GraphedStep
 from crate_fast.training.loggers import RunLog
 from crate_fast.training.objectives import Run, objective_for
-from crate_fast.training.optim import build_optimizer, lr_at
+from crate_fast.training.optim import build_optimizer, lr_at, set_lr
 from crate_fast.training.recipes import model_flags, model_overrides, recipe_for, resolution_at, resolve
 from crate_fast.training.runs import NonfiniteGuard
 
@@ -98,8 +102,9 @@ class TrainConfig:
     mixup_switch_prob: float | None = None   # probability of cutmix instead of mixup when both are on
     grad_clip: float | None = None           # 0: off (the official CRATE main.py defines 1.0 but never applies it)
     precision: str | None = None             # bf16 | fp16 | fp32 (None: bf16 on GPU, fp32 on CPU)
-    compile: bool = False                    # torch.compile the model
+    compile: bool = False                    # torch.compile each block (regional, before DDP)
     compile_mode: str = "default"            # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune
+    cuda_graph: bool = False                 # replay forward + backward as one captured CUDA graph (GPU)
     img_size: int | None = None              # training resolution (px)
     patch_size: int | None = None            # patch size (None: the recipe's, else the preset's)
     pool: str = "cls"                        # classifier pooling: cls | mean
@@ -121,9 +126,12 @@ class TrainConfig:
     finetune: str | None = None              # weights to start from (crate-fast or official), new head
     trust_checkpoint: bool = False           # allow --resume/--finetune files that need code execution to load
     eval_only: bool = False                  # evaluate (--resume / --finetune weights) and exit
-    probe: bool = False                      # CRATE-MAE: linear probe of the encoder after training (and at init)
+    probe: bool = False                      # CRATE-MAE: linear probes (CLS, mean) of the encoder, trained and at init
     stop_after: int | None = None            # end after this epoch as if preempted (resume later)
     synthetic_steps: int = 50                # steps per epoch of --data synthetic
+    block_size: int | None = None            # language models: context (tokens per window; the model's wpe rows)
+    epoch_steps: int | None = None           # token data: optimizer steps per epoch (random windows)
+    val_steps: int | None = None             # token data: batches per validation
     max_nonfinite: int = 5                   # consecutive non-finite steps tolerated (skipped) before stopping
     log_every: int = 10                      # steps between progress updates (log lines when not on a terminal)
     log: str | None = None                   # also log to: tensorboard, wandb or both (comma-separated)
@@ -148,7 +156,8 @@ def loader_options(cfg: TrainConfig, micro_batch: int, ranks: dist.Ranks) -> Loa
                          scale=cfg.scale, ratio=cfg.ratio, crop_pct=cfg.crop_pct,
                          val_batch_size=(cfg.val_batch_size or cfg.batch_size) // ranks.world,
                          progressive=cfg.progressive is not None, synthetic_steps=cfg.synthetic_steps,
-                         batch_transform=augment)
+                         batch_transform=augment, block_size=cfg.block_size,
+                         epoch_steps=(cfg.epoch_steps or 1) * cfg.accum_steps, val_steps=cfg.val_steps or 1)
 
 
 class Trainer:
@@ -176,30 +185,38 @@ class Trainer:
         self.steps_per_epoch = len(self.data.train) // cfg.accum_steps
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.opt = build_optimizer(self.model, cfg.opt, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                   wd_exclude=cfg.wd_exclude, device=self.device)
+        self.lr = torch.tensor(cfg.lr, device=self.device)     # set in place each step: nothing recompiles
+        self.opt = build_optimizer(self.model, cfg.opt, lr=self.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                   wd_exclude=cfg.wd_exclude)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
         self.graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
         mark = torch.compiler.cudagraph_mark_step_begin if self.graphed else None
-        run = Run(self.model, self.data.num_classes, self.micro_batch, ranks, self.autocast, mark)
+        run = Run(self.model, self.data, self.micro_batch, ranks, self.autocast, mark)
         self.objective = objective_for(family_of(cfg.arch).objective, cfg, run)
         # best_score: higher is better (the objective's score: val top-1, minus the val loss ...)
         self.epoch, self.step, self.best_score, self.guard = 0, 0, -math.inf, NonfiniteGuard(cfg.max_nonfinite)
         if resume:
             self.resume(resume)
         self.net = self._wrap(self.model)
+        self.captured = GraphedStep(lambda x, y: self._loss(x, y), self.opt, self.scaler.scale) \
+            if cfg.cuda_graph else None
         self.flops = flops_per_sample(self.model.config, training=True)
         self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-        self.log = RunLog(cfg.out, loggers.parse(cfg.log), dataclasses.asdict(cfg), self.is_main)
+        self.log = RunLog(cfg.out, loggers.parse(cfg.log), dataclasses.asdict(cfg), self.is_main, cfg.log_every)
 
     def _wrap(self, model):
-        net = model
-        if self.ranks.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
+        """Regional compile (each block, fullgraph, before DDP: torchtitan's order), then DDP (built on a side
+        stream for --cuda-graph, as capturing its collectives requires)."""
+        if self.cfg.compile:
+            for blk in model.repeated_blocks():
+                blk.compile(mode=self.cfg.compile_mode, fullgraph=True)
+        if self.ranks.world == 1:
+            return model
+        with torch.cuda.stream(torch.cuda.Stream()) if self.cfg.cuda_graph else contextlib.nullcontext():
+            return torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-        return torch.compile(net, mode=self.cfg.compile_mode) if self.cfg.compile else net
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.precision != "fp32")
@@ -225,6 +242,7 @@ class Trainer:
         flags = ["arch", *(f for f in model_flags() if f != "impl"), "opt", "wd_exclude"]
         runs.check_resumable(ckpt["config"], dataclasses.asdict(self.cfg), flags, path)
         counters = runs.restore(ckpt, self.model, self.opt, self.scaler, self.ranks, self.cfg.seed)
+        set_lr(self.opt, self.lr)                           # the checkpoint put its own lr tensors in the groups
         self.epoch, self.step, self.best_score, self.guard.total = counters
         runs.check_same_state(self.model, self.counters())
         if self.is_main:
@@ -237,16 +255,15 @@ class Trainer:
         max_nonfinite skipped steps in a row stop the run before any NaN reaches a checkpoint.
         Returns whether the step was taken."""
         if not self.guard.all_finite(finite, self.step):
-            self.opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=self.captured is None)      # a captured step keeps its grad buffers
             return False
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        self.lr.fill_(lr)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=self.captured is None)
         self.step += 1
         return True
 
@@ -260,7 +277,7 @@ class Trainer:
                             enabled=self.is_main)
         # loss sums of the steps taken (a skipped step's losses are dropped), samples seen for throughput
         loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        micro, lr = 0, self.opt.param_groups[0]["lr"]
+        micro, lr = 0, float(self.lr)
         step_loss, finite = 0.0, torch.ones((), device=self.device)
         for inputs, targets in train:       # a partial accumulation group at the end is dropped (break)
             if micro // cfg.accum_steps >= self.steps_per_epoch:
@@ -269,15 +286,17 @@ class Trainer:
             if self.graphed:        # a new step: CUDA-graph outputs of the previous one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             sync = last_micro or not hasattr(self.net, "no_sync")
-            with self.net.no_sync() if not sync else contextlib.nullcontext():
-                with self.autocast():
-                    loss = self.objective.loss(self.net, inputs, targets)
-                self.scaler.scale(loss / cfg.accum_steps).backward()
+            if self.captured is not None:
+                loss = self.captured(inputs, targets)
+            else:
+                with self.net.no_sync() if not sync else contextlib.nullcontext():
+                    loss = self._loss(inputs, targets)
+                    self.scaler.scale(loss / cfg.accum_steps).backward()
             micro += 1
             loss = loss.detach()
             finite = finite * torch.isfinite(loss)        # every micro-batch counts, not only the last
             step_loss = step_loss + loss.float() * inputs.shape[0]
-            seen += inputs.shape[0]
+            seen += self.objective.count(inputs)
             if not last_micro:
                 continue
             lr = lr_at(self.step, base_lr=cfg.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
@@ -285,7 +304,8 @@ class Trainer:
             if self.optimizer_step(finite, lr):
                 loss_sum, loss_n = loss_sum + step_loss, loss_n + inputs.shape[0] * cfg.accum_steps
             step_loss, finite = 0.0, torch.ones((), device=self.device)
-            progress.update(1, **self._log_step(seen, t0, loss, lr))
+            progress.update(1, **self.log.progress(self.step, seen * self.ranks.world, time.perf_counter() - t0, loss,
+                                                   lr, self.objective.unit, self.flops, self.peak))
         progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -295,16 +315,9 @@ class Trainer:
                 f"{self.objective.unit}_per_s": total_seen / dt, "lr": lr, "epoch_time": dt,
                 "nonfinite_steps": self.guard.total}
 
-    def _log_step(self, seen: int, t0: float, loss: torch.Tensor, lr: float) -> dict:
-        """At log steps (rank 0): loss, throughput, lr and MFU (on a known GPU) to the loggers; returns them
-        formatted for the progress line."""
-        if not (self.is_main and self.step % self.cfg.log_every == 0):
-            return {}
-        rate = seen * self.ranks.world / (time.perf_counter() - t0)
-        values = {"loss": loss.item(), f"{self.objective.unit}/s": rate, "lr": lr}
-        if self.peak:
-            values["mfu"] = rate * self.flops / self.peak
-        return self.log.step(values, self.step)
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.objective.loss(self.net, inputs, targets)
 
     def evaluate(self) -> dict:
         return self.objective.evaluate(self.net, self.data.val)
@@ -327,24 +340,6 @@ class Trainer:
                     print(f"stopping after epoch {self.epoch} (--stop-after); continue with --resume {cfg.out}")
                 break
         return row
-
-def probe(trainer: Trainer) -> dict:
-    """A linear probe (crate_fast.probe) of the trained encoder and, for comparison, of the same encoder at
-    initialization (--seed's weights). Every rank extracts its shard of the features, then fits on all of
-    them; rank 0 writes RUN_DIR/probe.json."""
-    cfg = trainer.cfg
-    torch.manual_seed(cfg.seed)             # the initial weights this run started from
-    init = crate_fast.create_model(cfg.arch, **model_overrides(cfg)).to(trainer.device)
-    rows = {name: linear_probe(model, trainer.data.train, trainer.data.val, gather=dist.gather_rows)
-            for name, model in (("pretrained", trainer.model), ("init", init))}
-    if trainer.is_main:
-        for name, row in rows.items():
-            print(f"linear probe ({name} encoder): train top-1 {row['train_top1']:.2f}  val top-1 "
-                  f"{row['val_top1']:.2f}", flush=True)
-        with open(os.path.join(cfg.out, "probe.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
-
 
 def main(argv=None) -> int:
     cfg = resolve(TrainConfig(**vars(build_parser().parse_args(argv))))
@@ -369,8 +364,7 @@ def main(argv=None) -> int:
                 print(json.dumps(metrics))
         elif trainer.fit() and ranks.is_main:
             print(f"done: best {trainer.objective.describe_best(trainer.best_score)}  (run dir {cfg.out})")
-        if cfg.probe:
-            probe(trainer)
+        trainer.objective.finish(trainer.model, cfg.out)        # the objective's last word: a probe, a sample
         trainer.log.close()
         dist.barrier()      # leave together: rank 0 may still be writing its checkpoint
         return 0

@@ -6,7 +6,9 @@ CRATE-MAE official forms, the CRATE-alpha port's autograd form) with timm's ViT-
 pretraining at mask ratio 0.75), batch 256, bf16 autocast, fused AdamW. CPU: crate_tiny (and ViT-S, the
 same width) at 32 px / patch 4 (65 tokens), batch 32; CRATE-alpha-B at 32 px / patch 8 (17 tokens),
 batch 16; mae_crate_tiny pretraining at 32 px / patch 4, batch 16; fp32: ratios only.
-MFU counts the model's useful FLOPs (crate_fast.flops, 2-GEMM ISTA) for every impl.
+MFU counts the model's useful FLOPs (crate_fast.flops, 2-GEMM ISTA) for every impl. "compile" is train.py's
+--compile (each block compiled, the torch impl); "graphs" is train.py --cuda-graph (the triton impl's forward
+and backward replayed as one captured CUDA graph, crate_fast.training.graphs; the optimizer step outside).
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from _common import CUDA, DEVICE, annotate, run, saved_activation_bytes, sync
 
 from crate_fast import create_model, get_config
 from crate_fast.flops import flops_per_image, peak_flops, vit_flops_per_image
+from crate_fast.training.graphs import WARMUP_STEPS, GraphedStep
 
 if CUDA:
     IMG, PATCH, BATCH, DTYPE = 224, 16, 256, torch.bfloat16
     PRESETS = ["crate_tiny", "crate_small", "crate_base", "crate_large", "crate_alpha_base", "mae_crate_base"]
     SIZES = {}                                  # arch -> (img, patch, batch) where not the defaults
-    # graphs: the triton impl under torch.compile(mode="reduce-overhead"), i.e. fused elementwise work
-    # and forward / backward replayed as CUDA graphs (no per-kernel launch cost).
+    # graphs: the triton impl's forward + backward captured as one CUDA graph (no per-kernel launch cost)
     IMPLS = ["reference", "torch", "triton", "compile", "graphs"]
     COMPILE_PRESETS = {"crate_base", "crate_alpha_base", "mae_crate_base"}   # ~1 min per model: the headline presets
     VITS = {"vit_small_patch16_224": (384, 6), "vit_base_patch16_224": (768, 12)}
@@ -74,8 +76,9 @@ def _build(arch: str, impl: str):
         model = create_model(arch, impl={"compile": "torch", "graphs": "triton"}.get(impl, impl), **sizes)
         flops = flops_per_image(get_config(arch, **sizes), training=True)
     model = model.to(DEVICE)
-    if impl in ("compile", "graphs"):
-        model = torch.compile(model, mode="reduce-overhead" if impl == "graphs" else "default")
+    if impl == "compile":                                # regional: each block, as train.py --compile
+        for blk in model.repeated_blocks():
+            blk.compile(fullgraph=True)
     return model, flops
 
 
@@ -99,18 +102,22 @@ def test_train_step(benchmark, arch, impl):
     # MAE pretraining: the same masks every step (one noise tensor), as a fixed-shape benchmark wants
     noise = torch.rand(batch, (img // patch) ** 2, device=DEVICE)
 
-    def forward():
+    def forward(x=x, y=y):
         with _autocast():
             return model(x, noise=noise)[0] if _is_mae(arch) else F.cross_entropy(model(x), y)
 
-    def step():
-        if impl == "graphs":
-            torch.compiler.cudagraph_mark_step_begin()
-        forward().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    graphed = GraphedStep(forward, opt, lambda loss: loss) if impl == "graphs" else None
 
-    step()                                            # autotune / compile outside the timing
+    def step():
+        if graphed is not None:
+            graphed(x, y)
+        else:
+            forward().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=graphed is None)
+
+    for _ in range(WARMUP_STEPS + 2 if graphed is not None else 1):     # autotune / compile / capture
+        step()
     sync()
     # Saved-tensor hooks would make torch.compile re-trace; graphs saves what triton saves.
     activations = saved_activation_bytes(forward, params=list(model.parameters())) if impl != "graphs" else None
@@ -131,7 +138,10 @@ def test_train_step(benchmark, arch, impl):
     annotate(benchmark, seconds, flops=flops * batch, images=batch, **extra)
 
 
-@pytest.mark.parametrize("arch,impl", [c for c in _cases() if not _is_mae(c[0])], ids=lambda v: v)
+# compile and graphs are training-step features: evaluation runs compiled blocks eagerly (run_block) and
+# GraphedStep captures forward + backward, so inference measures the three eager impls (and ViT).
+@pytest.mark.parametrize("arch,impl", [c for c in _cases() if not _is_mae(c[0]) and c[1] not in ("compile", "graphs")],
+                         ids=lambda v: v)
 def test_inference(benchmark, arch, impl):
     img, patch, batch = _sizes(arch)
     benchmark.group = f"infer-{arch if arch in SIZES else 'classifier'}-{img}px-b{batch}"
@@ -140,8 +150,6 @@ def test_inference(benchmark, arch, impl):
     x = torch.randn(batch, 3, img, img, device=DEVICE)
 
     def step():
-        if impl == "graphs":
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), _autocast():
             model(x)
 

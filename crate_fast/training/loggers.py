@@ -37,10 +37,11 @@ class RunLog:
     """The run's metrics.jsonl and metric loggers; every method does nothing on ranks other than 0.
 
     out: the run directory; names: parse(--log); config: the run's flags (W&B keeps them with the run);
-    enabled: rank 0."""
+    enabled: rank 0; every: optimizer steps between progress values (--log-every)."""
 
-    def __init__(self, out: str, names: list[str], config: dict, enabled: bool):
-        self.path, self.enabled, self.tb, self.wandb = os.path.join(out, "metrics.jsonl"), enabled, None, None
+    def __init__(self, out: str, names: list[str], config: dict, enabled: bool, every: int = 10):
+        self.path, self.enabled, self.every = os.path.join(out, "metrics.jsonl"), enabled, max(1, every)
+        self.tb = self.wandb = None
         if not enabled:
             return
         if "tensorboard" in names:
@@ -64,11 +65,19 @@ class RunLog:
         print(f"{title}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  {summary}  "
               f"{row[f'{unit}_per_s']:.0f} {unit}/s  {row['time']:.1f}s", flush=True)
 
-    def step(self, values: dict, step: int) -> dict[str, str]:
-        """The progress values of a log step (loss, throughput, lr, mfu: numbers) to the loggers, under
-        "step/"; returns them formatted for the progress line."""
-        if self.enabled and values:
-            self._log({f"step/{k}": v for k, v in _scalars(values).items()}, step)
+    def progress(self, step: int, samples: int, seconds: float, loss, lr: float, unit: str, flops: float | None = None,
+                 peak: float | None = None) -> dict[str, str]:
+        """At every `every`-th optimizer step (rank 0): the loss (a 0-dim tensor: its one host read), the
+        throughput (samples of every rank in seconds, `unit`/s), lr and MFU (flops per sample / peak, when the
+        GPU's peak is known) to the loggers under "step/"; returns them formatted for the progress line
+        ({} at other steps)."""
+        if not self.enabled or step % self.every:
+            return {}
+        rate = samples / seconds
+        values = {"loss": float(loss), f"{unit}/s": rate, "lr": lr}
+        if peak:
+            values["mfu"] = rate * flops / peak
+        self._log({f"step/{k}": v for k, v in values.items()}, step)
         return {k: f"{v:.3f}" if k == "loss" else f"{v:.2e}" if k == "lr" else f"{100 * v:.1f}%" if k == "mfu"
                 else f"{v:.0f}" for k, v in values.items()}
 

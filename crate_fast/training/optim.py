@@ -15,9 +15,13 @@ import torch
 
 
 class Lion(torch.optim.Optimizer):
-    """Lion: p <- p (1 - lr wd) - lr sign(beta1 m + (1 - beta1) g);  m <- beta2 m + (1 - beta2) g."""
+    """Lion: p <- p (1 - lr wd) - lr sign(beta1 m + (1 - beta1) g);  m <- beta2 m + (1 - beta2) g.
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+    lr may be a 0-dim tensor (on the parameters' device): changing it in place changes the next step
+    without recompiling a compiled step or recapturing a graph."""
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not all(0.0 <= b <= 1.0 for b in betas):
@@ -44,7 +48,11 @@ class Lion(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             update = torch._foreach_lerp(avgs, grads, 1.0 - beta1)     # beta1 m + (1 - beta1) g
             torch._foreach_sign_(update)
-            torch._foreach_add_(params, update, alpha=-lr)
+            if isinstance(lr, torch.Tensor):                            # alpha= takes numbers only
+                torch._foreach_mul_(update, lr)
+                torch._foreach_sub_(params, update)
+            else:
+                torch._foreach_add_(params, update, alpha=-lr)
             torch._foreach_lerp_(avgs, grads, 1.0 - beta2)             # m <- beta2 m + (1 - beta2) g
         return loss
 
@@ -71,13 +79,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_norm_bias_
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, betas: tuple[float, float], weight_decay: float,
-                    wd_exclude: bool, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer of a run: "lion" (:class:`Lion`) or "adamw" (torch's, fused on CUDA), over
-    :func:`param_groups`. Raises ValueError for another name."""
+def build_optimizer(model: torch.nn.Module, name: str, *, lr: torch.Tensor, betas: tuple[float, float],
+                    weight_decay: float, wd_exclude: bool) -> torch.optim.Optimizer:
+    """The optimizer of a run over :func:`param_groups`: "lion" (:class:`Lion`, foreach) or "adamw" (torch's
+    fused kernel: one update for all parameters, on CUDA and CPU alike, instead of a few hundred foreach
+    launches). lr: a 0-dim tensor every group shares (set_lr), so the schedule changes it in place and a
+    compiled or captured step never sees a new constant. Raises ValueError for another name."""
     groups = param_groups(model, weight_decay, wd_exclude)
     if name == "lion":
-        return Lion(groups, lr=lr, betas=betas)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
-    raise ValueError(f"optimizer must be 'lion' or 'adamw', got {name!r}")
+        opt = Lion(groups, lr=lr, betas=betas)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    else:
+        raise ValueError(f"optimizer must be 'lion' or 'adamw', got {name!r}")
+    return set_lr(opt, lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> torch.optim.Optimizer:
+    """Make every group of the optimizer read the one lr tensor (again after load_state_dict, which puts
+    the checkpoint's own tensor in each group). Returns the optimizer."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return optimizer
