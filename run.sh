@@ -72,7 +72,7 @@ case "$cmd" in
     mae)
         setup
         exec "$VENV/bin/torchrun" --standalone --nproc_per_node=1 train.py \
-            --arch mae_crate_tiny --data digits --out runs/mae_digits --probe "$@"
+            --arch mae_crate_digits --data digits --out runs/mae_digits --probe "$@"
         ;;
     test)
         setup

@@ -60,7 +60,9 @@ COUNTS = {"mae_crate_tiny": (11_555_328, 11_404_032, 147_840),
 
 
 def test_registry():
-    assert list_models("crate_mae") == sorted(COUNTS)
+    assert list_models("crate_mae") == sorted([*COUNTS, "mae_crate_digits"])    # + the CPU demo's size (ours)
+    cfg = get_config("mae_crate_digits")
+    assert (cfg.dim, cfg.heads, cfg.depth, cfg.decoder_depth) == (192, 3, 4, 4)
     cfg = get_config("mae_crate_small")
     assert (cfg.dim, cfg.heads, cfg.dim_head, cfg.depth, cfg.decoder_depth) == (576, 12, 48, 12, 12)
     assert (cfg.lambd, cfg.step_size, cfg.mask_ratio, cfg.norm_pix_loss) == (0.5, 0.1, 0.75, False)

@@ -184,6 +184,20 @@ def test_the_readme_main_job_reaches_97_percent(tmp_path):
 
 
 @pytest.mark.ffcv
+@pytest.mark.slow
+def test_the_mae_demo_learns_to_reconstruct_from_context(tmp_path):
+    """./run.sh mae's setting (mae_crate_digits, the mae_digits recipe) at half its 60 epochs ends below the
+    per-position-mean baseline the run measures: the masked patches are predicted from the visible ones,
+    not from their position alone (measured 1.03 against 1.07 at 30 epochs, 0.79 at 60; a model that
+    predicts the mean digit, as the 12-layer tiny one does here, stays at 2.30)."""
+    out = str(tmp_path / "mae")
+    assert train.main(["--arch", "mae_crate_digits", "--data", "digits", "--epochs", "30", "--workers", "1",
+                       "--log-every", "1000", "--out", out]) == 0
+    last = rows(out)[-1]
+    assert last["val_loss"] < 0.985 * last["val_loss_mean_baseline"], last
+
+
+@pytest.mark.ffcv
 def test_a_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(tmp_path, monkeypatch):
     """With --accum-steps 2 and no GradScaler, a NaN from micro-batch 1 of a step used to reach the
     weights (only the last micro-batch's loss was checked)."""
