@@ -10,6 +10,11 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+def autocast(dtype: torch.dtype):
+    """Autocast to `dtype` on the bench device; off for fp32 (CPU runs measure plain fp32)."""
+    return torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def sync() -> None:
     if CUDA:
         torch.cuda.synchronize()

@@ -14,13 +14,12 @@ tokens extended by 32, crate-lm's generate (the whole context every step) agains
 """
 from __future__ import annotations
 
-import gc
 import os
 import sys
 
 import pytest
 import torch
-from _common import CUDA, DEVICE, annotate, run, saved_activation_bytes, sync
+from _common import CUDA, DEVICE, annotate, autocast, run, saved_activation_bytes, sync
 from _gpt2 import GPT2
 
 from crate_fast import create_model, load_official_state_dict
@@ -36,18 +35,6 @@ else:
     SIZE, T, BATCH, DTYPE = dict(dim=256, depth=4, heads=4, vocab_size=512), 256, 8, torch.float32
     PROVIDERS = ["crate_lm", "reference", "torch", "compile", "checkpointing", "gpt2"]
 PROMPT, NEW = 512, 32
-
-
-@pytest.fixture(autouse=True)
-def _free_memory():
-    yield
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
-
-
-def _autocast():
-    return torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
 
 def _build(provider: str, block_size: int = T):
@@ -80,7 +67,7 @@ def test_gpt_train_step(benchmark, provider):
     targets = torch.randint(0, SIZE["vocab_size"], (BATCH, T), device=DEVICE)
 
     def loss():
-        with _autocast():
+        with autocast(DTYPE):
             return model(idx, targets)[1]
 
     def step():
@@ -109,7 +96,7 @@ def test_gpt_decode(benchmark, provider):
     prompt = torch.randint(0, SIZE["vocab_size"], (1, PROMPT), device=DEVICE)
 
     def decode():
-        with torch.no_grad(), _autocast():
+        with torch.no_grad(), autocast(DTYPE):
             model.generate(prompt, NEW, top_k=1)
 
     seconds = run(benchmark, decode, rounds=5 if CUDA else 3, warmup=1)

@@ -12,12 +12,10 @@ and backward replayed as one captured CUDA graph, crate_fast.training.graphs; th
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import CUDA, DEVICE, annotate, run, saved_activation_bytes, sync
+from _common import CUDA, DEVICE, annotate, autocast, run, saved_activation_bytes, sync
 
 from crate_fast import create_model, get_config
 from crate_fast.flops import flops_per_image, peak_flops, vit_flops_per_image
@@ -39,19 +37,6 @@ else:
     COMPILE_PRESETS = {"crate_tiny", "crate_alpha_base", "mae_crate_tiny"}
     VITS = {"vit_small_patch16_224": (384, 6)}
 NUM_CLASSES = 1000
-
-
-@pytest.fixture(autouse=True)
-def _free_memory():
-    """Each case builds its own model; release it (and any failed case's frames) before the next."""
-    yield
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
-
-
-def _autocast():
-    return torch.autocast(DEVICE, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
 
 def _is_mae(arch: str) -> bool:
@@ -103,7 +88,7 @@ def test_train_step(benchmark, arch, impl):
     noise = torch.rand(batch, (img // patch) ** 2, device=DEVICE)
 
     def forward(x=x, y=y):
-        with _autocast():
+        with autocast(DTYPE):
             return model(x, noise=noise)[0] if _is_mae(arch) else F.cross_entropy(model(x), y)
 
     graphed = GraphedStep(forward, opt, lambda loss: loss) if impl == "graphs" else None
@@ -150,7 +135,7 @@ def test_inference(benchmark, arch, impl):
     x = torch.randn(batch, 3, img, img, device=DEVICE)
 
     def step():
-        with torch.inference_mode(), _autocast():
+        with torch.inference_mode(), autocast(DTYPE):
             model(x)
 
     step()

@@ -4,11 +4,13 @@ CPU runs use small shapes and are read as ratios; CUDA runs use the CRATE preset
 absolute numbers. Results go to bench/results/<device>_torch<v>_triton<v>[_<files>].json unless
 --benchmark-json is given; bench/report.py turns them into the README's tables.
 """
+import gc
 import os
 import platform
 import re
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -22,6 +24,15 @@ try:
     require_ffcv()
 except ImportError:
     pass
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Each case builds its own model or tensors; release them (and any failed case's frames) before the next."""
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device_tag() -> str:
