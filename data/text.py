@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 import hashlib
 import json
 import logging
@@ -83,6 +84,22 @@ def read_meta(directory: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The embedded corpus
 # ---------------------------------------------------------------------------------------------------
+def parse_source(source: str) -> ast.Module:
+    """ast.parse(source) with the garbage collector paused. CPython 3.11's AST constructor keeps its
+    recursion count in interpreter-wide state: a collection during the conversion can run a finalizer that
+    releases the GIL, another thread's ast.parse (3.11's traceback module calls one to place its carets)
+    then resets that count, and ours raises SystemError "AST constructor recursion depth mismatch" (it
+    failed a CI run). With the collector paused the conversion runs no Python code, so nothing interleaves.
+    Raises what ast.parse raises (SyntaxError, ValueError)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def pydocs_text() -> dict[str, str]:
     """{"train": text, "val": text}: the standard library's docstrings (module docstring), in file order."""
     root = sysconfig.get_paths()["stdlib"]
@@ -93,7 +110,7 @@ def pydocs_text() -> dict[str, str]:
             path = os.path.join(dirpath, name)
             try:
                 with open(path, encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
+                    tree = parse_source(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue                                # a few files are templates or other encodings
             docs = [ast.get_docstring(n, clean=True) for n in ast.walk(tree)

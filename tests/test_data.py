@@ -917,3 +917,47 @@ def test_imagenet_statistics_have_one_home():
     assert data.IMAGENET_DEFAULT_MEAN == (0.485, 0.456, 0.406) and data.IMAGENET_DEFAULT_STD == (0.229, 0.224, 0.225)
     assert data.IMAGENET_MEAN == tuple(255 * m for m in data.IMAGENET_DEFAULT_MEAN) == L.IMAGENET_MEAN
     assert data.IMAGENET_STD == tuple(255 * s for s in data.IMAGENET_DEFAULT_STD) == L.IMAGENET_STD
+
+
+def test_the_text_corpus_parse_survives_another_threads_parse_during_a_collection():
+    """CPython 3.11's AST constructor counts its recursion in interpreter-wide state. Here a collection
+    during the conversion runs finalizers that release the GIL while a second thread parses: a plain
+    ast.parse then raises SystemError "AST constructor recursion depth mismatch" on 3.11.7 (it failed a CI
+    run in pydocs_text). parse_source must give the same tree as a quiet ast.parse, every time."""
+    import argparse
+    import ast
+    import gc
+
+    from crate_fast.data.text import parse_source
+
+    with open(argparse.__file__, encoding="utf-8") as f:
+        source = f.read()
+    expected = ast.dump(ast.parse(source))
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            time.sleep(0)                       # releases the GIL inside the collection
+
+    stop = threading.Event()
+
+    def parse_elsewhere():
+        while not stop.is_set():
+            ast.parse("x = f(1) + 2")
+
+    other = threading.Thread(target=parse_elsewhere, daemon=True)
+    other.start()
+    threshold = gc.get_threshold()
+    gc.set_threshold(50)                        # collect often, so that one lands inside each conversion
+    try:
+        for _ in range(4):
+            for _ in range(100):
+                Cycle()
+            assert ast.dump(parse_source(source)) == expected
+    finally:
+        gc.set_threshold(*threshold)
+        stop.set()
+        other.join()
+    assert gc.isenabled()

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from crate_fast.data.text import parse_source  # ast.parse, safe from another thread's parse (see there)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # repository folder -> installed package name (setup.py's package_dir)
 PACKAGES = {"crate_fast": "crate_fast", "kernels": "crate_fast.kernels", "data": "crate_fast.data"}
@@ -33,7 +35,7 @@ def imports(mods: dict[str, str]) -> dict[str, set[str]]:
     for mod, path in mods.items():
         base = mod.split(".") if mod in packages else mod.split(".")[:-1]
         targets = set()
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        for node in ast.walk(parse_source(open(path, encoding="utf-8").read())):
             names = []
             if isinstance(node, ast.ImportFrom):
                 parent = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
@@ -115,7 +117,7 @@ def test_no_function_is_over_60_lines(folder):
         [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, folder)) for f in fs if f.endswith(".py")]
     long = []
     for path in paths:
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        for node in ast.walk(parse_source(open(path, encoding="utf-8").read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
@@ -127,6 +129,6 @@ def test_size_limits():
     for name, limit in LIMITS.items():
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             assert len(f.read().splitlines()) <= limit, name
-    tree = ast.parse(open(os.path.join(ROOT, "train.py"), encoding="utf-8").read())
+    tree = parse_source(open(os.path.join(ROOT, "train.py"), encoding="utf-8").read())
     trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
     assert trainer.end_lineno - trainer.lineno + 1 <= 180
