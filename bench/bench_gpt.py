@@ -5,6 +5,8 @@ and decoding in tokens/s, every provider side by side:
                 against): its overcomplete MLP runs 5 GEMMs forward (x W^T twice), SDPA causal attention
     reference   crate_fast impl="reference" (the literal math, 4 GEMMs, masked-softmax attention)
     torch       impl="torch" (hand-written backward passes); triton (GPU), compile (regional: each block)
+    recompute   impl="torch", recompute=True (the attention's probabilities and the sparse codes recomputed
+                in the backward: the memory-lean step)
     checkpointing   impl="torch" with gradient checkpointing (each block recomputed in the backward)
     gpt2        nanoGPT's GPT-2 at the same width and depth (bench/_gpt2.py), what users would otherwise pick
 
@@ -30,10 +32,10 @@ from official_crate_gpt import OvercompleteConfig, OvercompleteCRATE  # noqa: E4
 
 if CUDA:
     SIZE, T, BATCH, DTYPE = dict(dim=768, depth=12, heads=12, vocab_size=50304), 1024, 8, torch.bfloat16
-    PROVIDERS = ["crate_lm", "reference", "torch", "triton", "compile", "checkpointing", "gpt2"]
+    PROVIDERS = ["crate_lm", "reference", "torch", "recompute", "triton", "compile", "checkpointing", "gpt2"]
 else:
     SIZE, T, BATCH, DTYPE = dict(dim=256, depth=4, heads=4, vocab_size=512), 256, 8, torch.float32
-    PROVIDERS = ["crate_lm", "reference", "torch", "compile", "checkpointing", "gpt2"]
+    PROVIDERS = ["crate_lm", "reference", "torch", "recompute", "compile", "checkpointing", "gpt2"]
 PROMPT, NEW = 512, 32
 
 
@@ -47,8 +49,9 @@ def _build(provider: str, block_size: int = T):
     elif provider == "crate_lm":
         model = OvercompleteCRATE(cfg)
     else:
-        model = create_model("crate_gpt_base", **SIZE, block_size=block_size,
-                             impl={"compile": "torch", "checkpointing": "torch"}.get(provider, provider))
+        impl = "torch" if provider in ("compile", "checkpointing", "recompute") else provider
+        model = create_model("crate_gpt_base", **SIZE, block_size=block_size, impl=impl,
+                             recompute=provider == "recompute")
         load_official_state_dict(model, OvercompleteCRATE(cfg).state_dict())
         if provider == "compile":
             for blk in model.blocks:                  # regional compile, as train.py --compile

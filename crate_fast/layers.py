@@ -57,17 +57,18 @@ class MSSA(nn.Module):
     training with dropout > 0 the attention runs on the reference path (the fused kernels have none).
     ``out_bias=False`` drops b_out (CRATE-alpha's output projection has none). ``out_proj``: True always
     keeps U_out (CRATE-GPT's c_proj); None (default) follows the official CRATE, which skips it for one
-    head spanning the whole width.
+    head spanning the whole width. ``recompute=True`` saves each row's log-sum-exp instead of the attention
+    probabilities for the backward (impl="torch"; crate_fast.kernels.mssa_attention).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int | None = None, dropout: float = 0.0,
-                 impl: str = "auto", out_bias: bool = True, out_proj: bool | None = None):
+                 impl: str = "auto", out_bias: bool = True, out_proj: bool | None = None, recompute: bool = False):
         super().__init__()
         dim_head = dim // heads if dim_head is None else dim_head
         inner = heads * dim_head
         self.heads, self.dim_head, self.scale = heads, dim_head, dim_head ** -0.5
         self.impl = check_impl(impl)
-        self.attn_dropout = dropout
+        self.attn_dropout, self.recompute = dropout, recompute
         self.qkv = nn.Linear(dim, inner, bias=False)   # U = [U_1 .. U_K], official name kept
         # The official code skips the output projection only for one head spanning the whole width.
         keep = out_proj if out_proj is not None else not (heads == 1 and dim_head == dim)
@@ -84,7 +85,7 @@ class MSSA(nn.Module):
         (B, heads, N, dim_head); with dropout on the probabilities while training (the reference path)."""
         if self.attn_dropout > 0 and self.training:
             return mssa_attention_ref(w, self.scale, self.attn_dropout, training=True, causal=is_causal)
-        return mssa_attention(w, self.scale, causal=is_causal, impl=self.impl)
+        return mssa_attention(w, self.scale, causal=is_causal, impl=self.impl, recompute=self.recompute)
 
     def merge(self, o: torch.Tensor) -> torch.Tensor:
         """Per-head outputs (B, heads, N, dim_head) -> (B, N, dim): heads concatenated, the output projection
@@ -182,8 +183,8 @@ class ODL(nn.Module):
 
     D, D1: (dim, ratio * dim) analysis and (decoupled) synthesis dictionaries. forward(x, residual)
     returns residual + out, with the add fused where the impl can (crate_fast.kernels.odl_step).
-    recompute=True halves the activation bytes saved for the backward, which then recomputes the first
-    code (2 more GEMMs of 12); False (the default) is the faster step (odl_step).
+    recompute=True saves a fifth of the activation bytes for the backward, which then recomputes both
+    codes (2 more GEMMs of 12); False (the default) is the faster step (odl_step).
     """
 
     def __init__(self, dim: int, overcomplete_ratio: int = 4, step_size: float = 0.1, lambd: float = 0.1,
@@ -226,19 +227,20 @@ class OvercompleteISTA(nn.Module):
         a1 = relu(eta x W^T - eta lambda);  a2 = relu(a1 + eta (x W^T - a1 W W^T) - eta lambda);  out = a2 W
 
     which is crate_fast.kernels.odl_step(x, W^T, W^T) (D = D1 = W^T, no residual). Initialized
-    kaiming-uniform as crate-lm (fan_in = dim: U(+-sqrt(6 / dim)))."""
+    kaiming-uniform as crate-lm (fan_in = dim: U(+-sqrt(6 / dim))). recompute: as ODL's."""
 
     def __init__(self, dim: int, overcomplete_ratio: int = 4, step_size: float = 0.1, lambd: float = 0.1,
-                 impl: str = "auto"):
+                 impl: str = "auto", recompute: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(overcomplete_ratio * dim, dim))
-        self.step_size, self.lambd = step_size, lambd
+        self.step_size, self.lambd, self.recompute = step_size, lambd, recompute
         self.impl = check_impl(impl)
         nn.init.kaiming_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.weight.t()                                              # (dim, atoms): D = D1, a view
-        return odl_step(x, d, d, self.step_size, self.lambd, residual=None, impl=self.impl)
+        return odl_step(x, d, d, self.step_size, self.lambd, residual=None, recompute=self.recompute,
+                        impl=self.impl)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +250,8 @@ class OvercompleteISTA(nn.Module):
 
     def extra_repr(self) -> str:
         m, d = self.weight.shape
-        return f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, impl={self.impl!r}"
+        return (f"dim={d}, atoms={m}, step_size={self.step_size}, lambd={self.lambd}, recompute={self.recompute}, "
+                f"impl={self.impl!r}")
 
 
 class CRATEAlphaBlock(Block):

@@ -34,12 +34,15 @@ __all__ = ["IMPLS", "check_impl", "mssa_attention", "ista_step", "odl_step", "ms
 
 
 def mssa_attention(w: torch.Tensor, scale: float | None = None, causal: bool = False,
-                   impl: str = "auto") -> torch.Tensor:
+                   impl: str = "auto", recompute: bool = False) -> torch.Tensor:
     """softmax(scale * w w^T) w per head. w: (B, H, N, D) -> (B, H, N, D); scale defaults to D^-1/2.
 
     causal: query i attends to keys j <= i (the scores above the diagonal are -inf before the softmax),
     as mssa_attention_ref(causal=True), NaN and Inf included (a non-finite w[k, c] makes out[i < k, c] NaN
-    there too: its 0 * NaN). Raises ValueError for a w that is not 4-D, TypeError for a non-float one."""
+    there too: its 0 * NaN). recompute (impl="torch"): save each row's log-sum-exp for the backward
+    instead of the (B, H, N, N) probabilities, which it recomputes (one more batched GEMM); the Triton
+    kernels never save the probabilities, the reference saves what its autograd saves. Raises ValueError
+    for a w that is not 4-D, TypeError for a non-float one."""
     check_impl(impl)
     causal = bool(causal)
     if w.dim() != 4:
@@ -60,7 +63,7 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, causal: bool = F
     if impl == "triton" and not kernel_scale:
         raise ValueError(f"mssa_attention(impl='triton') needs a finite scale > 0, got {scale}")
     if impl == "torch" or w.numel() == 0:          # an empty input launches no kernel
-        return mssa_attention_torch(w, scale, causal)
+        return mssa_attention_torch(w, scale, causal, bool(recompute))
     from .mssa import mssa_attention_triton
 
     return mssa_attention_triton(w, scale, causal)
@@ -104,8 +107,9 @@ def odl_step(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: floa
     an fp32 residual stream under bf16 autocast, as autocast runs the port's ``ff(x) + x``), or the
     compute dtype without residual, as the port's last matmul. Gradients return in the inputs' dtypes.
     recompute (impl="torch" and "triton"): False saves what the backward needs, the bytes of the
-    reference's autograd (the faster step); True saves half of them and recomputes the first code and its
-    residual in the backward (2 more GEMMs of 12; torch_ops.py measures both). impl="reference" ignores it.
+    reference's autograd (the faster step); True saves a fifth of them (x and the first code's residual)
+    and recomputes both codes in the backward (2 more GEMMs of 12; torch_ops.py measures both).
+    impl="reference" ignores it.
     Raises ValueError for mismatched shapes or devices, TypeError for non-float inputs."""
     check_impl(impl)
     d = x.shape[-1]

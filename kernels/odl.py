@@ -12,9 +12,9 @@ the second epilogue (the port's own order) rather than keeping p = x D from the 
 memory: the third epilogue reads a1 only.
 
 The backward is torch_ops.odl_backward on cuBLAS, the torch path's own: it saves x_c, a1, e and a2 as
-the kernels wrote them, or (recompute=True) x_c and a2 only, half the port's saved bytes, recomputing a1
-and e there. (ista.py: a Triton GEMM with a ReLU gate fused into its prologue measured 3x slower than
-where() + cuBLAS on an H100.)
+the kernels wrote them, or (recompute=True) x_c and e only, a fifth of the port's saved bytes,
+recomputing a1 and a2 there with torch's GEMMs. (ista.py: a Triton GEMM with a ReLU gate fused into its
+prologue measured 3x slower than where() + cuBLAS on an H100.)
 """
 from __future__ import annotations
 

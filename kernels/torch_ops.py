@@ -52,29 +52,54 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
 
 
+def _scores(w3: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """(BH, N, D) -> (BH, N, N): scale w w^T, -inf above the diagonal when causal."""
+    n = w3.shape[1]
+    s = torch.baddbmm(w3.new_empty(w3.shape[0], n, n), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
+    return s.masked_fill_(causal_mask(n, w3.device), float("-inf")) if causal else s
+
+
+def _row_lse(s: torch.Tensor) -> torch.Tensor:
+    """(BH, N, N) -> (BH, N, 1): each score row's log-sum-exp, in fp32 for 16-bit scores (as ATen's
+    softmax accumulates), else in their dtype."""
+    return torch.logsumexp(s if s.dtype in (torch.float32, torch.float64) else s.float(), dim=-1, keepdim=True)
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """P = exp(S - L) in S's dtype, formed at L's precision and rounded once (S is overwritten when it can
+    hold the result)."""
+    return s.sub_(lse).exp_() if s.dtype == lse.dtype else torch.exp(s.float() - lse).to(s.dtype)
+
+
 class _TiedAttention(torch.autograd.Function):
     # Runs with autocast off (its inputs arrive already cast). softmax and its backward are the fused
     # ATen kernels, which accumulate in fp32 for 16-bit inputs; dS = P * (dP - rowsum(dP * P)) is then
     # formed from the very tiles it subtracts (the diagonal of tied attention cancels there).
+    # recompute=False saves P (BH x N x N); recompute=True saves the row log-sum-exp L (BH x N) instead
+    # and the backward recomputes P = exp(S - L): one more batched GEMM (S = scale w w^T) and one exp pass,
+    # and the forward forms P the same way, so the P of both passes are the same numbers, bit for bit.
     @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, scale: float, causal: bool, recompute: bool) -> torch.Tensor:
         B, H, N, D = w.shape
         with torch.autocast(w.device.type, enabled=False):
             w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
-            s = torch.baddbmm(w3.new_empty(B * H, N, N), w3, w3.transpose(1, 2), beta=0.0, alpha=scale)
-            if causal:
-                s.masked_fill_(causal_mask(N, w.device), float("-inf"))
-            p = torch.softmax(s, dim=-1)                                      # (BH, N, N)
+            s = _scores(w3, scale, causal)
+            if recompute:
+                lse = _row_lse(s)                                             # (BH, N, 1)
+                p = _probs(s, lse)
+            else:
+                p = torch.softmax(s, dim=-1)                                  # (BH, N, N)
             o = torch.bmm(p, w3)                                              # (BH, N, D)
-        ctx.save_for_backward(w3, p)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.save_for_backward(w3, lse if recompute else p)
+        ctx.scale, ctx.causal, ctx.recompute = scale, causal, recompute
         return o.view(B, H, N, D)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do: torch.Tensor):
-        w3, p = ctx.saved_tensors
+        w3, saved = ctx.saved_tensors
         with torch.autocast(do.device.type, enabled=False):
+            p = _probs(_scores(w3, ctx.scale, ctx.causal), saved) if ctx.recompute else saved
             do3 = do.reshape(w3.shape).to(w3.dtype)
             dp = torch.bmm(do3, w3.transpose(1, 2))                           # dP = dO w^T
             ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)    # dS = P (dP - rowsum(dP P))
@@ -88,13 +113,14 @@ class _TiedAttention(torch.autograd.Function):
             else:
                 dw = torch.baddbmm(dw, ds, w3, alpha=ctx.scale)
                 dw = torch.baddbmm(dw, ds.transpose(1, 2), w3, alpha=ctx.scale)
-        return dw.view(do.shape), None, None
+        return dw.view(do.shape), None, None, None
 
 
-def mssa_attention_torch(w: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
+def mssa_attention_torch(w: torch.Tensor, scale: float, causal: bool = False, recompute: bool = False) -> torch.Tensor:
     """w: (B, H, N, D) -> (B, H, N, D), tied q = k = v softmax attention with a 3-GEMM backward;
-    causal: query i attends to keys j <= i."""
-    return _TiedAttention.apply(w, scale, causal)
+    causal: query i attends to keys j <= i; recompute: save the row log-sum-exp instead of the
+    probabilities (N times fewer bytes) and recompute them in the backward (one more batched GEMM)."""
+    return _TiedAttention.apply(w, scale, causal, recompute)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,16 +317,22 @@ def odl_code_residual(a1: torch.Tensor, dc: torch.Tensor, xc: torch.Tensor) -> t
     return torch.addmm(xc, a1, dc.t(), beta=-1.0)
 
 
+def odl_second_code(a1: torch.Tensor, e: torch.Tensor, dc: torch.Tensor, step_size: float,
+                    lambd: float) -> torch.Tensor:
+    """a2 = relu(a1 - eta e D - eta lambda): (M, m), (M, d), (d, m) -> (M, m), one GEMM."""
+    return torch.addmm(a1, e, dc, alpha=-step_size).sub_(step_size * lambd).relu_()
+
+
 def odl_forward(xc: torch.Tensor, dc: torch.Tensor, d1c: torch.Tensor, residual: torch.Tensor | None,
                 step_size: float, lambd: float,
                 recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, a1, e, a2) for 2-D operands in one compute dtype: xc (M, d), dc and d1c (d, m); residual
     (M, d) in any float dtype or None. out: (M, d), the residual's dtype promoted with the compute dtype
     (the compute dtype without residual); a1, a2: (M, m), the two codes, e: (M, d), the first code's
-    residual, for the backward (recompute: whether it keeps a1 and e or recomputes them; odl_setup_context)."""
+    residual, for the backward (recompute: whether it keeps the codes or recomputes them; odl_setup_context)."""
     a1 = odl_first_code(xc, dc, step_size, lambd)
     e = odl_code_residual(a1, dc, xc)
-    a2 = torch.addmm(a1, e, dc, alpha=-step_size).sub_(step_size * lambd).relu_()
+    a2 = odl_second_code(a1, e, dc, step_size, lambd)
     if residual is None:
         out = torch.mm(a2, d1c.t())
     elif residual.dtype == a2.dtype:
@@ -317,9 +349,9 @@ def odl_setup_context(ctx, inputs, output):
     xc, dc, d1c, residual, step_size, lambd, recompute = inputs
     _, a1, e, a2 = output
     if recompute:
-        ctx.save_for_backward(xc, dc, d1c, a2)            # 5 Md elements; a1 and e are recomputed (above)
+        ctx.save_for_backward(xc, dc, d1c, e)             # 2 Md elements; the codes are recomputed (above)
     else:
-        ctx.save_for_backward(xc, dc, d1c, a2, a1, e)     # 10 Md, as the port's autograd
+        ctx.save_for_backward(xc, dc, d1c, e, a1, a2)     # 10 Md, as the port's autograd
     ctx.step_size, ctx.lambd = step_size, lambd
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.mark_non_differentiable(a1, e, a2)
@@ -329,19 +361,22 @@ def odl_setup_context(ctx, inputs, output):
 @once_differentiable
 def odl_backward(ctx, dout: torch.Tensor, *_dcodes):
     """Gradients w.r.t. (xc, dc, d1c, residual, step_size, lambd, recompute), in the compute dtype
-    except the residual's (its own dtype); 8 GEMMs, plus 2 recomputing a1 and e when they were not saved."""
-    xc, dc, d1c, a2, *codes = ctx.saved_tensors
+    except the residual's (its own dtype); 8 GEMMs, plus 2 recomputing a1 and a2 when they were not saved."""
+    xc, dc, d1c, e, *codes = ctx.saved_tensors
     eta = ctx.step_size
     with torch.autocast(dout.device.type, enabled=False):
+        if codes:
+            a1, a2 = codes
+        else:
+            a1 = odl_first_code(xc, dc, eta, ctx.lambd)
+            a2 = odl_second_code(a1, e, dc, eta, ctx.lambd)
         gc = dout.to(a2.dtype)
         dd1 = torch.mm(gc.t(), a2)
         # relu's own backward (grad where the output is > 0): a NaN code passes 0 on, as the port's does.
         g2 = torch.ops.aten.threshold_backward(torch.mm(gc, d1c), a2, 0)
         t = torch.mm(g2, dc.t())
-        a1 = codes[0] if codes else odl_first_code(xc, dc, eta, ctx.lambd)
         g1 = torch.ops.aten.threshold_backward(torch.addmm(g2, t, dc, alpha=-eta), a1, 0)
         dx = torch.addmm(t, g1, dc.t(), beta=eta, alpha=eta)
-        e = codes[1] if codes else odl_code_residual(a1, dc, xc)
         dd = torch.mm(xc.t(), g1).addmm_(e.t(), g2, alpha=-1.0).addmm_(t.t(), a1, alpha=-1.0).mul_(eta)
     dres = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
     return dx, dd, dd1, dres, None, None, None
@@ -351,14 +386,20 @@ _ODL = autograd_function("_ODL", odl_forward, odl_setup_context, odl_backward)
 
 
 def odl_operands(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, residual: torch.Tensor | None,
-                 compute_dtype: torch.dtype):
-    """For autocast off: x as contiguous rows (M, d) in the compute dtype, D and D1 contiguous in the
-    compute dtype, the residual as contiguous rows (M, d) in its own dtype (or None). The casts are
-    autograd ops outside the Functions, so gradients return in the inputs' dtypes."""
+                 compute_dtype: torch.dtype, contiguous: bool = True):
+    """For autocast off: x as contiguous rows (M, d) in the compute dtype, D and D1 in the compute dtype
+    (contiguous copies for the kernels, which read whole rows; as given for torch's GEMMs, which take a
+    transposed view such as CRATE-GPT's W^T as it is, so an fp32 step saves no copy of the weights), the
+    residual as contiguous rows (M, d) in its own dtype (or None). D1 given as the very tensor D (CRATE-GPT's
+    tied D = D1 = W^T) is cast once. The casts are autograd ops outside the Functions, so gradients return
+    in the inputs' dtypes."""
     d = x.shape[-1]
     xc = x.reshape(-1, d).to(compute_dtype).contiguous()
     r = None if residual is None else residual.reshape(-1, d).contiguous()
-    return xc, D.to(compute_dtype).contiguous(), D1.to(compute_dtype).contiguous(), r
+    dc = D.to(compute_dtype)
+    dc = dc.contiguous() if contiguous else dc
+    d1c = dc if D1 is D else (D1.to(compute_dtype).contiguous() if contiguous else D1.to(compute_dtype))
+    return xc, dc, d1c, r
 
 
 def odl_step_torch(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size: float = 0.1,
@@ -370,5 +411,6 @@ def odl_step_torch(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size
     recomputes a1 and e (half the saved bytes, 2 more GEMMs) instead of saving them (above)."""
     compute_dtype = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
-        out, *_ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype), step_size, lambd, recompute)
+        out, *_ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype, contiguous=False), step_size,
+                             lambd, recompute)
     return out.view(x.shape)

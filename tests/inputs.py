@@ -12,12 +12,20 @@ import torch
 from conftest import KERNEL_DEVICE
 from harness import run_grads
 
-from crate_fast.kernels import odl_step, odl_step_ref
+from crate_fast.kernels import mssa_attention, odl_step, odl_step_ref
 
 
 def device_for(impl: str) -> str:
     """Where an impl's test tensors live: the kernel device for "triton", else the CPU."""
     return KERNEL_DEVICE if impl == "triton" else "cpu"
+
+
+def attention(w, impl: str, **kwargs):
+    """mssa_attention under a test's impl name, where "torch_recompute" is impl="torch" with recompute=True
+    (the probabilities recomputed from the saved log-sum-exp in the backward)."""
+    if impl == "torch_recompute":
+        return mssa_attention(w, impl="torch", recompute=True, **kwargs)
+    return mssa_attention(w, impl=impl, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

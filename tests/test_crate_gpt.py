@@ -16,7 +16,7 @@ from crate_fast.models.crate_gpt import Intervention
 
 ORACLES = {"overcomplete": (OvercompleteConfig, OvercompleteCRATE), "square": (SquareConfig, SquareCRATE)}
 TINY = dict(dim=32, depth=2, heads=4, vocab_size=97, block_size=16)
-IMPLS = ("reference", "torch", "triton")
+IMPLS = ("reference", "torch", "torch_recompute", "triton")   # torch_recompute: impl="torch", recompute=True
 
 
 def oracle(variant, dtype=torch.float32, **kw):
@@ -31,7 +31,8 @@ def pair(variant, impl="torch", dtype=torch.float32, **kw):
     """(crate-lm's model, ours with its weights), both in dtype."""
     torch.manual_seed(0)
     off = oracle(variant, dtype, **kw)
-    ours = create_model("crate_gpt_tiny", **{**TINY, **kw}, variant=variant, impl=impl).to(dtype)
+    run = dict(impl="torch", recompute=True) if impl == "torch_recompute" else dict(impl=impl)
+    ours = create_model("crate_gpt_tiny", **{**TINY, **kw}, variant=variant, **run).to(dtype)
     load_official_state_dict(ours, off.state_dict())
     return off.eval(), ours.eval()
 
@@ -98,6 +99,39 @@ def test_logits_and_loss_in_fp32(variant, impl):
         logits, loss = ours(idx, targets)
     assert_rel(logits, logits_off, FP32_RTOL, "logits")
     assert_rel(loss, loss_off, FP32_RTOL, "loss")
+
+
+def saved_activation_bytes(model, idx, targets) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of the loss, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, alive = {}, []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        alive.append(t)            # no storage is freed (and its address reused) while counting
+        return None
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        model(idx, targets)
+    return sum(seen.values())
+
+
+def test_recompute_saves_half_of_crate_lms_activation_bytes():
+    """The overcomplete model, impl="torch": per layer crate-lm's autograd saves 15 (B T d) tensors' worth;
+    recompute=True saves 7 (LN inputs and outputs, w, the merged heads, the sparse coding's first residual)
+    and the attention's row log-sum-exp, never a copy of a weight; the default keeps the probabilities and
+    both codes for a faster step. Same loss either way, within rounding."""
+    sizes = dict(dim=64, depth=4, heads=2, vocab_size=64, block_size=64)
+    torch.manual_seed(0)
+    off = oracle("overcomplete", **sizes)
+    idx, targets = tokens(2, 64, 64), tokens(2, 64, 64, seed=2)
+    theirs = saved_activation_bytes(off, idx, targets)
+    for recompute, most in ((True, 0.6), (False, 1.15)):
+        ours = create_model("crate_gpt_tiny", **sizes, impl="torch", recompute=recompute)
+        load_official_state_dict(ours, off.state_dict())
+        assert saved_activation_bytes(ours, idx, targets) <= most * theirs
+        assert_rel(ours(idx, targets)[1].detach(), off(idx, targets)[1].detach())
 
 
 @pytest.mark.parametrize("variant", sorted(ORACLES))

@@ -77,7 +77,7 @@ def test_mssa_is_causal(impl):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_odl_layer_passes_recompute(recompute):
     """ODL(recompute=...) reaches odl_step: the same output and gradients, and the activation bytes saved
-    for the backward: x and a2 with recompute, x, a1, e and a2 without (torch_ops.py)."""
+    for the backward: x and e with recompute, x, a1, e and a2 without (torch_ops.py)."""
     torch.manual_seed(0)
     layer = ODL(16, recompute=recompute, impl="torch")
     ref = ODL(16, impl="reference")
@@ -90,7 +90,7 @@ def test_odl_layer_passes_recompute(recompute):
     want = ref(x.detach())
     assert_rel(out.detach(), want.detach())
     activations = sum(n for n in sizes if n not in (16 * 64,))        # the dictionaries excluded
-    assert activations == 15 * (16 + 64) * (1 if recompute else 2)
+    assert activations == 15 * (2 * 16 if recompute else 2 * (16 + 64))
     assert f"recompute={recompute}" in repr(layer)
 
 

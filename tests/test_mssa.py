@@ -2,14 +2,14 @@
 import pytest
 import torch
 from harness import assert_rel, check_all, run_grads
-from inputs import device_for
+from inputs import attention, device_for
 from tolerances import FP64_RTOL
 
 from crate_fast.kernels import mssa_attention, mssa_attention_ref
 
 # (B, H, N, D): odd B*H, N off every block size, head dims 48 (CRATE-S, padded in-kernel) and 64.
 SHAPES = [(1, 3, 17, 48), (3, 1, 65, 64), (1, 1, 1, 64), (1, 3, 80, 48), (1, 1, 197, 64), (3, 1, 65, 48)]
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "torch_recompute", "triton"]     # torch_recompute: inputs.attention
 
 
 def head_split(B, H, N, D, dtype, device):
@@ -25,18 +25,19 @@ def test_mssa_matches_reference(impl, shape, dtype):
     dev = device_for(impl)
     w = head_split(*shape, dtype, dev)
     do = torch.randn(w.shape, dtype=dtype, device=dev)
-    got = run_grads(lambda t: mssa_attention(t, impl=impl), w, grad=do)     # run_grads keeps w's strides
+    got = run_grads(lambda t: attention(t, impl), w, grad=do)              # run_grads keeps w's strides
     truth = run_grads(mssa_attention_ref, w.double().cpu(), grad=do.double().cpu())
     plain = run_grads(mssa_attention_ref, w.cpu(), grad=do.cpu())          # plain PyTorch, same dtype
     assert all(g.dtype == dtype for g in got)
     check_all(("out", "dw"), got, plain, truth)
 
 
+@pytest.mark.parametrize("impl", ["torch", "torch_recompute"])
 @pytest.mark.parametrize("shape", [(3, 1, 65, 64), (1, 3, 17, 48)])
-def test_mssa_torch_float64_is_exact(shape):
+def test_mssa_torch_float64_is_exact(shape, impl):
     w = head_split(*shape, torch.float64, "cpu")
     do = torch.randn(w.shape, dtype=torch.float64)
-    got = run_grads(lambda t: mssa_attention(t, impl="torch"), w, grad=do)
+    got = run_grads(lambda t: attention(t, impl), w, grad=do)
     ref = run_grads(mssa_attention_ref, w, grad=do)
     for name, g, r in zip(("out", "dw"), got, ref, strict=True):
         assert_rel(g, r, FP64_RTOL, name)
@@ -88,18 +89,19 @@ def test_mssa_causal_matches_reference(impl, N, D, dtype, poisoned_allocations):
     dev = device_for(impl)
     w = head_split(B, H, N, D, dtype, dev)
     do = torch.randn(w.shape, dtype=dtype, device=dev)
-    got = run_grads(lambda t: mssa_attention(t, causal=True, impl=impl), w, grad=do)
+    got = run_grads(lambda t: attention(t, impl, causal=True), w, grad=do)
     truth = run_grads(causal_ref, w.double().cpu(), grad=do.double().cpu())
     plain = run_grads(causal_ref, w.cpu(), grad=do.cpu())
     assert all(g.dtype == dtype for g in got)
     check_all(("out", "dw"), got, plain, truth)
 
 
+@pytest.mark.parametrize("impl", ["torch", "torch_recompute"])
 @pytest.mark.parametrize("shape", [(3, 1, 65, 64), (1, 3, 17, 48)])
-def test_mssa_causal_torch_float64_is_exact(shape):
+def test_mssa_causal_torch_float64_is_exact(shape, impl):
     w = head_split(*shape, torch.float64, "cpu")
     do = torch.randn(w.shape, dtype=torch.float64)
-    got = run_grads(lambda t: mssa_attention(t, causal=True, impl="torch"), w, grad=do)
+    got = run_grads(lambda t: attention(t, impl, causal=True), w, grad=do)
     ref = run_grads(causal_ref, w, grad=do)
     for name, g, r in zip(("out", "dw"), got, ref, strict=True):
         assert_rel(g, r, FP64_RTOL, name)
@@ -112,13 +114,31 @@ def test_mssa_causal_future_moves_no_past_output(impl, dtype):
     key tile and at a tile edge of the interpreter's blocks), rows >= t move."""
     dev = device_for(impl)
     w = head_split(1, 3, 80, 48, dtype, dev)
-    before = mssa_attention(w, causal=True, impl=impl)
+    before = attention(w, impl, causal=True)
     for t in (33, 40):
         w2 = w.clone()
         w2[:, :, t:] = torch.randn(w2[:, :, t:].shape, device=dev).to(dtype)
-        after = mssa_attention(w2, causal=True, impl=impl)
+        after = attention(w2, impl, causal=True)
         assert torch.equal(after[:, :, :t], before[:, :, :t])
         assert not torch.equal(after[:, :, t:], before[:, :, t:])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mssa_torch_recompute_saves_the_log_sum_exp_not_the_probabilities(causal):
+    """impl="torch" saves w and P (B H N N) for the backward; recompute=True saves w and one number per
+    row (B H N), the same output within rounding (the forward forms P as exp(S - L) then)."""
+    B, H, N, D = 2, 3, 40, 16
+    w = head_split(B, H, N, D, torch.float32, "cpu").requires_grad_()
+
+    def saved(recompute):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = mssa_attention(w, causal=causal, impl="torch", recompute=recompute)
+        return out, sorted(sizes)
+
+    (full, full_sizes), (lean, lean_sizes) = saved(False), saved(True)
+    assert full_sizes == [B * H * N * D, B * H * N * N] and lean_sizes == [B * H * N, B * H * N * D]
+    assert_rel(lean, full, 1e-6)
 
 
 def test_mssa_causal_differs_from_full_but_for_the_last_query():

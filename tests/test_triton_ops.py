@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA, KERNEL_DEVICE
 from harness import assert_rel, run_grads
-from inputs import assert_same_nonfinite, device_for, numpy_nan_warnings, poisoned
+from inputs import assert_same_nonfinite, attention, device_for, numpy_nan_warnings, poisoned
 from tolerances import BF16_HEAD_DIM_128_ATOL
 
 from crate_fast.kernels import ista_step, ista_step_ref, mssa_attention, mssa_attention_ref
@@ -118,8 +118,9 @@ def test_torch_compile_keeps_triton_ops_in_one_graph():
         assert_rel(t.grad.cpu(), g.cpu())
 
 
-def test_torch_compile_causal_torch_path_fullgraph():
-    f = torch.compile(lambda w: mssa_attention(w, causal=True, impl="torch"), fullgraph=True)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_compile_causal_torch_path_fullgraph(recompute):
+    f = torch.compile(lambda w: mssa_attention(w, causal=True, impl="torch", recompute=recompute), fullgraph=True)
     w = torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
     out = f(w)
     out.backward(torch.ones_like(out))
@@ -154,7 +155,7 @@ ROW_POISONS = ["nan", "nan_row", "+inf_row", "-inf_row"]
 
 @numpy_nan_warnings
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "torch_recompute", "triton"])
 @pytest.mark.parametrize("poison", ROW_POISONS + ["+inf", "-inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_mssa_nonfinite_like_reference(impl, poison, dtype, causal):
@@ -165,7 +166,7 @@ def test_mssa_nonfinite_like_reference(impl, poison, dtype, causal):
     # its column(s) of rows 0-32 are NaN too, in blocks whose tiles the kernel never loads.
     w = poisoned(torch.randn(2, 3, 37, 32), (0, 1, 33), poison).to(device_for(impl), dtype)
     g = torch.randn(w.shape, device=w.device).to(dtype)
-    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    got = run_grads(lambda t: attention(t, impl, causal=causal), w, grad=g)
     ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
     assert ref[0][1].isfinite().all(), "the other heads stay finite"
     if causal:
@@ -175,7 +176,7 @@ def test_mssa_nonfinite_like_reference(impl, poison, dtype, causal):
 
 @numpy_nan_warnings
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "torch_recompute", "triton"])
 @pytest.mark.parametrize("poison", ROW_POISONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_mssa_upstream_nonfinite_like_reference(impl, poison, dtype, causal):
@@ -185,7 +186,7 @@ def test_mssa_upstream_nonfinite_like_reference(impl, poison, dtype, causal):
     tiles of row 5."""
     w = torch.randn(2, 3, 37, 32).to(device_for(impl), dtype)
     g = poisoned(torch.randn(w.shape), (0, 1, 5), poison).to(w.device, dtype)
-    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    got = run_grads(lambda t: attention(t, impl, causal=causal), w, grad=g)
     ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
     assert ref[1][1].isfinite().all() and not ref[1][0, 1].isfinite().all()
     assert_same_nonfinite(("out", "dw"), got, ref)
@@ -228,7 +229,7 @@ def test_mssa_first_key_blocks_all_minus_inf(impl, causal):
     w[0, 0, :64, 0] = math.inf            # keys 0-63: score -Inf for every query with w[..., 0] < 0
     w = w.to(device_for(impl))
     g = torch.randn(w.shape, device=w.device)
-    got = run_grads(lambda t: mssa_attention(t, causal=causal, impl=impl), w, grad=g)
+    got = run_grads(lambda t: attention(t, impl, causal=causal), w, grad=g)
     ref = run_grads(lambda t: mssa_attention_ref(t, causal=causal), w.cpu(), grad=g.cpu())
     assert ref[0].isfinite().any(), "the test needs output rows that stay finite"
     assert_same_nonfinite(("out", "dw"), got, ref)

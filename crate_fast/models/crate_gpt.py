@@ -56,7 +56,11 @@ class CRATEGPTConfig(ConfigBase):
     50257 padded to a multiple of 64), block_size (the context, 1024; wpe has that many rows), variant
     ("overcomplete": the released model, or "square"), step_size / lambd (eta and lambda of the ISTA steps,
     0.1 in crate-lm), dropout (embedding, attention and residual dropout; 0 in crate-lm's recipes), impl
-    (crate_fast.kernels.IMPLS; it never changes parameters). Raises ValueError on any invalid field."""
+    (crate_fast.kernels.IMPLS; it never changes parameters), recompute (the memory-lean backward: the
+    attention saves each row's log-sum-exp instead of its probabilities and the overcomplete sparse coding
+    saves its input and first residual instead of both codes, recomputing them: less than half of
+    crate-lm's activation bytes for a slower step; bench_gpt.py measures both). Raises ValueError on any
+    invalid field."""
 
     dim: int
     depth: int
@@ -68,6 +72,7 @@ class CRATEGPTConfig(ConfigBase):
     lambd: float = 0.1
     dropout: float = 0.0
     impl: str = "auto"
+    recompute: bool = False
 
     def __post_init__(self):
         check_positive(self, "dim", "depth", "heads", "vocab_size", "block_size")
@@ -131,10 +136,12 @@ class CRATEGPTBlock(Block):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
         # crate-lm's c_proj exists for every head count (MSSA skips it only for one head spanning the width)
-        self.attn = MSSA(cfg.dim, cfg.heads, dropout=cfg.dropout, impl=cfg.impl, out_proj=True)
+        self.attn = MSSA(cfg.dim, cfg.heads, dropout=cfg.dropout, impl=cfg.impl, out_proj=True,
+                         recompute=cfg.recompute)
         self.norm2 = nn.LayerNorm(cfg.dim)
         if cfg.variant == "overcomplete":
-            self.ista = OvercompleteISTA(cfg.dim, 4, step_size=cfg.step_size, lambd=cfg.lambd, impl=cfg.impl)
+            self.ista = OvercompleteISTA(cfg.dim, 4, step_size=cfg.step_size, lambd=cfg.lambd, impl=cfg.impl,
+                                         recompute=cfg.recompute)
         else:
             self.ista = ISTA(cfg.dim, step_size=cfg.step_size, lambd=cfg.lambd, impl=cfg.impl)
         self.codes_name = "sparse codes a2" if cfg.variant == "overcomplete" else "ISTA output"
