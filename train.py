@@ -113,6 +113,7 @@ class TrainConfig:
     mask_ratio: float | None = None          # CRATE-MAE: fraction of patches masked
     norm_pix_loss: bool | None = None        # CRATE-MAE: per-patch standardized pixel targets
     grad_checkpointing: bool = False         # recompute each block in the backward: less activation memory
+    recompute: bool | None = None            # CRATE-GPT: the lean backward (recomputes P and the codes; 0.5x memory)
     flip: bool | None = None                 # random horizontal flips in training
     scale: tuple[float, float] | None = None      # RandomResizedCrop area range (timm's name)
     ratio: tuple[float, float] | None = None      # RandomResizedCrop aspect-ratio range (timm's name)

@@ -7,9 +7,9 @@ these small ops can cost more host time than GPU time); bench_model.py gives the
 TFLOP/s use the model's FLOPs for every provider: MSSA forward 4*B*H*N^2*D, causal half of it, backward
 2.5x (the FlashAttention convention); ISTA forward 4*M*C^2 (the exact 2-GEMM step), backward 2x forward; ODL forward
 8*M*d*m (its 4 GEMMs), backward 2x forward. A provider that does more arithmetic (the 3-matmul reference
-ISTA, the ODL backward that recomputes two GEMMs to save half the activations) therefore shows a lower
-rate. ODL rows also record the bytes autograd saves for the backward (extra_info saved_bytes); the
-"*_recompute" providers are odl_step(recompute=True), half the saved bytes for 2 more GEMMs.
+ISTA, the ODL backward that recomputes two GEMMs to save most of the activations) therefore shows a
+lower rate. ODL rows also record the bytes autograd saves for the backward (extra_info saved_bytes); the
+"*_recompute" providers are odl_step(recompute=True), a fifth of the saved bytes for 2 more GEMMs.
 """
 from __future__ import annotations
 

@@ -123,6 +123,31 @@ def kernel_tables(run: dict) -> list[str]:
     return out + [""]
 
 
+def gpt_tables(run: dict) -> list[str]:
+    """bench_gpt.py: the train step per provider against crate-lm's (tokens/s, saved activations), and
+    decoding with the tied KV cache against crate-lm's generate."""
+    steps = {_params(b)["provider"]: (b["stats"]["median"], _params(b)) for b in run["benchmarks"]
+             if b["name"].startswith("test_gpt_train_step")}
+    decode = {_params(b)["provider"]: (b["stats"]["median"], _params(b)) for b in run["benchmarks"]
+              if b["name"].startswith("test_gpt_decode")}
+    if "crate_lm" not in steps:
+        return []
+    base_s, base = steps["crate_lm"]
+    p = base
+    out = [f"**CRATE-GPT train step** ({_head(run)}); d {p['dim']}, {p['depth']} layers, T {p['seq']}, batch "
+           f"{p['batch']}; " + ("tokens/s" if run["gpu"] else "speed") + " and saved activations against "
+           "crate-lm's modules", "", "| provider | step speed | saved activations |", "|---|---|---|"]
+    for prov, (sec, q) in steps.items():
+        speed = f"{base_s / sec:.2f}x" if not run["gpu"] else f"{q['tokens_per_s']:,.0f} ({base_s / sec:.2f}x)"
+        mem = f"{q['activation_mb'] / base['activation_mb']:.2f}x" if "activation_mb" in q else ""
+        out.append(f"| {prov} | {speed} | {mem} |")
+    if "crate_lm" in decode and "torch" in decode:
+        q = decode["torch"][1]
+        out += ["", f"Decoding {q['new_tokens']} tokens after a {q['prompt']}-token prompt: the tied KV cache "
+                f"{decode['crate_lm'][0] / decode['torch'][0]:.1f}x crate-lm's generate."]
+    return out + [""]
+
+
 def data_tables(run: dict) -> list[str]:
     rows = [(_params(b), b) for b in run["benchmarks"] if b["name"].startswith("test_loader")]
     if not rows:
@@ -145,7 +170,7 @@ def data_tables(run: dict) -> list[str]:
 def render(results_dir: str) -> str:
     runs = sorted(load(results_dir), key=lambda r: (not r["gpu"], r["path"]))
     lines = []
-    for table in (model_tables, kernel_tables, data_tables):    # model numbers first: what training gets
+    for table in (model_tables, gpt_tables, kernel_tables, data_tables):   # model numbers first
         for run in runs:
             lines += table(run)
     return "\n".join(lines).rstrip() + "\n"

@@ -287,17 +287,18 @@ def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.
 #   one of two backward layouts, the caller's choice (odl_step's ``recompute``):
 #     recompute=False (default): saves x_c, a1, e and a2 (10 Md, the port's bytes) and runs the port's
 #       8 backward GEMMs: 12 in all, with fewer elementwise passes than autograd of the port;
-#     recompute=True: saves only x_c and a2 ((d + m) M = 5 Md elements: half) and recomputes a1 and e
-#       from x_c (2 GEMMs, 10 in all: 28 Mdm FLOPs, +17%). ODL's saved codes are the largest activations
-#       of a CRATE-alpha layer: 775 MB of bf16 per layer at B/16, batch 256, under autograd of the port.
+#     recompute=True: saves only x_c and e (2 Md elements: a fifth) and recomputes a1 from x_c and a2
+#       from a1 and e (2 GEMMs, 14 in all: 28 Mdm FLOPs, +17%), the forward's own expressions, so the
+#       codes are the forward's. ODL's saved codes are the largest activations of a CRATE-alpha layer:
+#       775 MB of bf16 per layer at B/16, batch 256, under autograd of the port. (Saving x_c and a2, 5 Md,
+#       needs the same 2 recompute GEMMs, for a1 and e; saving x_c, a1 and e, 6 Md, needs one, for a2.)
 #   Measured against autograd of the port, forward + backward with the residual, one CPU thread (the
 #   2-core machine was shared), interleaved runs, medians of 80, two runs, at the bench rows (M, d) =
 #   (520, 192) and (130, 384): recompute=False 1.08-1.11x and 1.04-1.06x its speed in fp32, 0.98-1.03x
-#   and 0.97-1.02x in bf16; recompute=True 0.93-0.96x and 0.92x in fp32, 0.87-0.90x and 0.89x in bf16.
-#   Saving a1 only (9 Md, one recompute) measured 1.00-1.05x in fp32, 0.96-0.98x in bf16: no better than
-#   either. Every exact variant runs the port's 12 GEMMs or more, so on a GEMM-bound CPU none is much
-#   faster than autograd. (The codes' zero gradients are not materialized: the two M x m fills were 12%
-#   of the bf16 step's summed op time under the profiler.)
+#   and 0.97-1.02x in bf16; recompute=True (then saving x_c and a2) 0.93-0.96x and 0.92x in fp32,
+#   0.87-0.90x and 0.89x in bf16. Every exact variant runs the port's 12 GEMMs or more, so on a
+#   GEMM-bound CPU none is much faster than autograd. (The codes' zero gradients are not materialized:
+#   the two M x m fills were 12% of the bf16 step's summed op time under the profiler.)
 # Under autocast only the GEMM operands (x_c, D_c, D1_c) and the codes are 16-bit; with a residual the
 # output has the residual's dtype promoted with the compute dtype (the port adds a 16-bit matmul result
 # to the fp32 stream), else the compute dtype, as the port's last matmul. The forward evaluates the

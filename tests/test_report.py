@@ -40,6 +40,12 @@ def results(tmp_path):
                img_per_s=160.0, activation_mb=10.0),
         _bench("test_train_step[crate_tiny-torch]", 0.1, arch="crate_tiny", impl="torch", batch=32,
                img_per_s=320.0, activation_mb=7.0),
+        _bench("test_gpt_train_step[crate_lm]", 0.5, provider="crate_lm", batch=8, seq=256, dim=256, depth=4,
+               tokens_per_s=4096.0, activation_mb=128.0),
+        _bench("test_gpt_train_step[recompute]", 0.4, provider="recompute", batch=8, seq=256, dim=256, depth=4,
+               tokens_per_s=5120.0, activation_mb=64.0),
+        _bench("test_gpt_decode[crate_lm]", 1.5, provider="crate_lm", prompt=512, new_tokens=32),
+        _bench("test_gpt_decode[torch]", 0.1, provider="torch", prompt=512, new_tokens=32),
         _bench("test_loader_train_epoch[uint8-torchvision]", 1.0, loader="torchvision", output="uint8", workers=2,
                res=224, img_per_s=1000.0),
         _bench("test_loader_train_epoch[uint8-ffcv_recipe]", 0.2, loader="ffcv_recipe", output="uint8", workers=2,
@@ -65,6 +71,9 @@ def test_gpu_tables_absolute_cpu_tables_ratios(results):
     assert "| mssa | 2x3x5x8 | bfloat16 | 1.000 (100) | 1.500 (66) | 2.000 (50) |" in lines
     assert any("CUDA-graph replays" in line for line in lines)
     assert "| ffcv_recipe | 2 | 5,000 (5.00x) | 2,400 (3.00x) |" in lines
+    # CRATE-GPT: ratios to crate-lm's step and saved bytes, the decode ratio
+    assert "| recompute | 1.25x | 0.50x |" in lines and "| crate_lm | 1.00x | 1.00x |" in lines
+    assert any("the tied KV cache 15.0x crate-lm's generate" in line for line in lines)
 
 
 def test_readme_block_is_replaced_and_a_missing_block_is_an_error(results, tmp_path):

@@ -82,6 +82,7 @@ def test_flags_a_family_lacks_and_bad_values_are_clear_errors():
         (["--arch", "crate_alpha_tiny", "--recipe", "crate_alpha_in21k", "--batch-size", "4"], "lower --min-lr"),
         (["--arch", "crate_alpha_tiny", "--drop-path", "1.5"], "drop_path"),
         (["--arch", "crate_alpha_tiny", "--blr", "-1"], "--blr"),
+        (["--arch", "crate_tiny", "--recompute"], "--recompute does not apply to CRATE models"),
     ]:
         with pytest.raises(SystemExit, match=msg):
             train.resolve(train.TrainConfig(**vars(train.build_parser().parse_args(argv + ["--data", "synthetic"]))))
@@ -173,9 +174,10 @@ def test_mae_pretraining_under_two_process_ddp(tmp_path):
 
 def test_crate_gpt_trains_on_the_embedded_text_resumes_exactly_and_samples(tmp_path):
     """train.py --arch crate_gpt_tiny --data pydocs: random windows of the standard library's docstrings, the
-    language-modeling objective, exact resume (the windows of an epoch replay), a text sample at the end."""
+    language-modeling objective, exact resume (the windows of an epoch replay), a text sample at the end;
+    with --recompute (the lean backward), which the saved model's config records."""
     args = ["--arch", "crate_gpt_tiny", "--data", "pydocs", "--epochs", "2", "--epoch-steps", "3", "--val-steps", "2",
-            "--batch-size", "4", "--block-size", "32", "--log-every", "1000",
+            "--batch-size", "4", "--block-size", "32", "--log-every", "1000", "--recompute",
             "--cache-dir", str(tmp_path / "cache")]
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     assert train.main(args + ["--out", full]) == 0
@@ -189,7 +191,7 @@ def test_crate_gpt_trains_on_the_embedded_text_resumes_exactly_and_samples(tmp_p
     sample = open(os.path.join(full, "sample.txt"), encoding="utf-8").read()
     assert sample.startswith("The ") and len(sample) > 100
     model = crate_fast.load_model(os.path.join(full, "model.safetensors"))
-    assert model.config.block_size == 32 and model.config.vocab_size == 256
+    assert model.config.block_size == 32 and model.config.vocab_size == 256 and model.config.recompute
     with pytest.raises(SystemExit, match="holds token ids; CRATE models read images"):
         train.resolve(train.TrainConfig(arch="crate_tiny", data="pydocs"))
     with pytest.raises(SystemExit, match="holds images; CRATE-GPT models read tokens"):

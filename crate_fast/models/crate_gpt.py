@@ -360,4 +360,4 @@ def config_from_file(w: Weights, impl: str = "auto") -> CRATEGPTConfig | None:
 FAMILY = Family(
     "crate_gpt", "CRATE-GPT", "crate-lm/crate-lm (CRATE-GPT; the CPAL 2024 paper and the CRATE book, ch. 7)",
     CRATEGPTConfig, CRATEGPT, PRESETS, flops, objective="language_modeling", inputs="tokens",
-    train_fields=("impl", "dropout", "block_size"), config_from_file=config_from_file)
+    train_fields=("impl", "dropout", "block_size", "recompute"), config_from_file=config_from_file)
