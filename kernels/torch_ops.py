@@ -288,10 +288,11 @@ def ista_step_torch(x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.
 #     recompute=False (default): saves x_c, a1, e and a2 (10 Md, the port's bytes) and runs the port's
 #       8 backward GEMMs: 12 in all, with fewer elementwise passes than autograd of the port;
 #     recompute=True: saves only x_c and e (2 Md elements: a fifth) and recomputes a1 from x_c and a2
-#       from a1 and e (2 GEMMs, 14 in all: 28 Mdm FLOPs, +17%), the forward's own expressions, so the
-#       codes are the forward's. ODL's saved codes are the largest activations of a CRATE-alpha layer:
-#       775 MB of bf16 per layer at B/16, batch 256, under autograd of the port. (Saving x_c and a2, 5 Md,
-#       needs the same 2 recompute GEMMs, for a1 and e; saving x_c, a1 and e, 6 Md, needs one, for a2.)
+#       from a1 and e (2 GEMMs, 14 in all: 28 Mdm FLOPs, +17%) with the torch forward's own expressions
+#       (its very numbers; after odl.py's Triton forward, equal up to rounding). ODL's saved codes are
+#       the largest activations of a CRATE-alpha layer: 775 MB of bf16 per layer at B/16, batch 256,
+#       under autograd of the port. (Saving x_c and a2, 5 Md, needs the same 2 recompute GEMMs, for a1
+#       and e; saving x_c, a1 and e, 6 Md, needs one, for a2.)
 #   Measured against autograd of the port, forward + backward with the residual, one CPU thread (the
 #   2-core machine was shared), interleaved runs, medians of 80, two runs, at the bench rows (M, d) =
 #   (520, 192) and (130, 384): recompute=False 1.08-1.11x and 1.04-1.06x its speed in fp32, 0.98-1.03x
