@@ -393,14 +393,18 @@ def odl_operands(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, residual: t
     (contiguous copies for the kernels, which read whole rows; as given for torch's GEMMs, which take a
     transposed view such as CRATE-GPT's W^T as it is, so an fp32 step saves no copy of the weights), the
     residual as contiguous rows (M, d) in its own dtype (or None). D1 given as the very tensor D (CRATE-GPT's
-    tied D = D1 = W^T) is cast once. The casts are autograd ops outside the Functions, so gradients return
-    in the inputs' dtypes."""
+    tied D = D1 = W^T) is cast once and passed on as a second view of it (torch.compile refuses one tensor
+    given twice to an autograd.Function). The casts are autograd ops outside the Functions, so gradients
+    return in the inputs' dtypes."""
+    def cast(t):
+        t = t.to(compute_dtype)
+        return t.contiguous() if contiguous else t
+
     d = x.shape[-1]
     xc = x.reshape(-1, d).to(compute_dtype).contiguous()
     r = None if residual is None else residual.reshape(-1, d).contiguous()
-    dc = D.to(compute_dtype)
-    dc = dc.contiguous() if contiguous else dc
-    d1c = dc if D1 is D else (D1.to(compute_dtype).contiguous() if contiguous else D1.to(compute_dtype))
+    dc = cast(D)
+    d1c = dc.view_as(dc) if D1 is D else cast(D1)
     return xc, dc, d1c, r
 
 

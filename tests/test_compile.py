@@ -19,12 +19,13 @@ from crate_fast import create_model
 from crate_fast.training.optim import Lion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One small model of every family and what a training step feeds it.
+# One small model of every family ("arch-variant": another setting) and what a training step feeds it.
 FAMILIES = {
     "crate_tiny": dict(num_classes=10, img_size=16, patch_size=4, depth=2),
     "crate_alpha_tiny": dict(num_classes=10, img_size=16, patch_size=4, depth=2),
     "mae_crate_tiny": dict(img_size=16, patch_size=4, depth=2, decoder_depth=1),
     "crate_gpt_tiny": dict(depth=2, block_size=16),
+    "crate_gpt_tiny-recompute": dict(depth=2, block_size=16, recompute=True),     # the lean backward
 }
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten._unique2",
             "aten.unique_consecutive", "aten.unique_dim", "aten.equal", "aten.is_nonzero"}
@@ -35,7 +36,7 @@ OP_BUDGET = 1160
 
 def build(arch, **kw):
     torch.manual_seed(0)
-    return create_model(arch, **FAMILIES[arch], **kw)
+    return create_model(arch.split("-")[0], **FAMILIES[arch], **kw)
 
 
 def loss_of(model, arch, batch=4, seed=1):
