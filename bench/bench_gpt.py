@@ -5,8 +5,8 @@ and decoding in tokens/s, every provider side by side:
                 against): its overcomplete MLP runs 5 GEMMs forward (x W^T twice), SDPA causal attention
     reference   crate_fast impl="reference" (the literal math, 4 GEMMs, masked-softmax attention)
     torch       impl="torch" (hand-written backward passes); triton (GPU), compile (regional: each block)
-    recompute   impl="torch", recompute=True (the attention's probabilities and the sparse codes recomputed
-                in the backward: the memory-lean step)
+    recompute   recompute=True (the attention's probabilities and the sparse codes recomputed in the
+                backward: the memory-lean step) with impl="torch" on CPU, impl="triton" on a GPU
     checkpointing   impl="torch" with gradient checkpointing (each block recomputed in the backward)
     gpt2        nanoGPT's GPT-2 at the same width and depth (bench/_gpt2.py), what users would otherwise pick
 
@@ -49,7 +49,9 @@ def _build(provider: str, block_size: int = T):
     elif provider == "crate_lm":
         model = OvercompleteCRATE(cfg)
     else:
-        impl = "torch" if provider in ("compile", "checkpointing", "recompute") else provider
+        # recompute: on the torch path on CPU; on a GPU with the Triton kernels (whose attention keeps no P)
+        impl = "torch" if provider in ("compile", "checkpointing") or (provider == "recompute" and not CUDA) \
+            else "triton" if provider == "recompute" else provider
         model = create_model("crate_gpt_base", **SIZE, block_size=block_size, impl=impl,
                              recompute=provider == "recompute")
         load_official_state_dict(model, OvercompleteCRATE(cfg).state_dict())

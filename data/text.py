@@ -89,8 +89,9 @@ def parse_source(source: str) -> ast.Module:
     recursion count in interpreter-wide state: a collection during the conversion can run a finalizer that
     releases the GIL, another thread's ast.parse (3.11's traceback module calls one to place its carets)
     then resets that count, and ours raises SystemError "AST constructor recursion depth mismatch" (it
-    failed a CI run). With the collector paused the conversion runs no Python code, so nothing interleaves.
-    Raises what ast.parse raises (SyntaxError, ValueError)."""
+    failed a CI run). With the collector paused this call's conversion runs no Python code, so no other
+    thread interleaves with it (the pause is process-wide and ends with the call). Raises what ast.parse
+    raises (SyntaxError, ValueError)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

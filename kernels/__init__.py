@@ -3,8 +3,8 @@
 This folder (kernels/) is installed as the package ``crate_fast.kernels`` (setup.py's package_dir): import
 it by that name, never as ``kernels``.
 
-- ``mssa_attention(w, scale=None, causal=False, impl="auto")``: tied q = k = v softmax attention,
-  (B, H, N, D); causal: query i attends to keys j <= i (CRATE-GPT).
+- ``mssa_attention(w, scale=None, causal=False, impl="auto", recompute=False)``: tied q = k = v softmax
+  attention, (B, H, N, D); causal: query i attends to keys j <= i (CRATE-GPT).
 - ``ista_step(x, weight, step_size=0.1, lambd=0.1, impl="auto")``: one non-negative ISTA step, (..., C).
 - ``odl_step(x, D, D1, step_size=0.1, lambd=0.1, residual=None, recompute=False, impl="auto")``:
   CRATE-alpha's two-step overcomplete sparse coding with a decoupled synthesis dictionary, (..., d).

@@ -1,5 +1,6 @@
 """Fast PyTorch paths for MSSA, ISTA and ODL: exact CRATE math with fewer GEMMs (MSSA, ISTA), fewer
-elementwise passes or, on request, half the saved activations (ODL), hand-written backward passes.
+elementwise passes (ODL), hand-written backward passes, and on request (``recompute``) far fewer saved
+activations: the attention's row log-sum-exp instead of its probabilities, a fifth of ODL's bytes.
 
 The hand-written backward passes are first-order only (@once_differentiable): differentiating them again
 (double backward, Hessian-vector products, gradient penalties) raises an error instead of silently
@@ -59,16 +60,22 @@ def _scores(w3: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     return s.masked_fill_(causal_mask(n, w3.device), float("-inf")) if causal else s
 
 
-def _row_lse(s: torch.Tensor) -> torch.Tensor:
-    """(BH, N, N) -> (BH, N, 1): each score row's log-sum-exp, in fp32 for 16-bit scores (as ATen's
-    softmax accumulates), else in their dtype."""
-    return torch.logsumexp(s if s.dtype in (torch.float32, torch.float64) else s.float(), dim=-1, keepdim=True)
+def _wide(s: torch.Tensor) -> torch.Tensor:
+    """S itself in fp32 / fp64, else an fp32 copy (ATen's softmax accumulates 16-bit scores in fp32)."""
+    return s if s.dtype in (torch.float32, torch.float64) else s.float()
+
+
+def _lse_and_probs(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, P) of scores S (BH, N, N): each row's log-sum-exp (BH, N, 1), fp32 for 16-bit S, and P = exp(S - L)
+    in S's dtype, rounded once (formed in place: S is consumed)."""
+    wide = _wide(s)
+    lse = torch.logsumexp(wide, dim=-1, keepdim=True)
+    return lse, wide.sub_(lse).exp_().to(s.dtype)
 
 
 def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """P = exp(S - L) in S's dtype, formed at L's precision and rounded once (S is overwritten when it can
-    hold the result)."""
-    return s.sub_(lse).exp_() if s.dtype == lse.dtype else torch.exp(s.float() - lse).to(s.dtype)
+    """P = exp(S - L) in S's dtype by _lse_and_probs's very steps (S is consumed)."""
+    return _wide(s).sub_(lse).exp_().to(s.dtype)
 
 
 class _TiedAttention(torch.autograd.Function):
@@ -77,7 +84,7 @@ class _TiedAttention(torch.autograd.Function):
     # formed from the very tiles it subtracts (the diagonal of tied attention cancels there).
     # recompute=False saves P (BH x N x N); recompute=True saves the row log-sum-exp L (BH x N) instead
     # and the backward recomputes P = exp(S - L): one more batched GEMM (S = scale w w^T) and one exp pass,
-    # and the forward forms P the same way, so the P of both passes are the same numbers, bit for bit.
+    # and the forward forms P the same way, so in eager mode both passes use the same numbers, bit for bit.
     @staticmethod
     def forward(ctx, w: torch.Tensor, scale: float, causal: bool, recompute: bool) -> torch.Tensor:
         B, H, N, D = w.shape
@@ -85,8 +92,7 @@ class _TiedAttention(torch.autograd.Function):
             w3 = w.reshape(B * H, N, D)        # one copy of the strided head split, then plain bmm
             s = _scores(w3, scale, causal)
             if recompute:
-                lse = _row_lse(s)                                             # (BH, N, 1)
-                p = _probs(s, lse)
+                lse, p = _lse_and_probs(s)                                    # (BH, N, 1), (BH, N, N)
             else:
                 p = torch.softmax(s, dim=-1)                                  # (BH, N, N)
             o = torch.bmm(p, w3)                                              # (BH, N, D)
@@ -119,7 +125,9 @@ class _TiedAttention(torch.autograd.Function):
 def mssa_attention_torch(w: torch.Tensor, scale: float, causal: bool = False, recompute: bool = False) -> torch.Tensor:
     """w: (B, H, N, D) -> (B, H, N, D), tied q = k = v softmax attention with a 3-GEMM backward;
     causal: query i attends to keys j <= i; recompute: save the row log-sum-exp instead of the
-    probabilities (N times fewer bytes) and recompute them in the backward (one more batched GEMM)."""
+    probabilities (N times fewer bytes) and recompute them in the backward (one more batched GEMM);
+    without a backward to come (no grad mode, or w needs none) the plain softmax forward runs."""
+    recompute = recompute and torch.is_grad_enabled() and w.requires_grad
     return _TiedAttention.apply(w, scale, causal, recompute)
 
 
@@ -413,8 +421,8 @@ def odl_step_torch(x: torch.Tensor, D: torch.Tensor, D1: torch.Tensor, step_size
                    compute_dtype: torch.dtype | None = None, recompute: bool = False) -> torch.Tensor:
     """x: (..., d); D, D1: (d, m); residual: x's shape or None -> (..., d); the same function as
     odl_step_ref (+ residual). The GEMMs run in compute_dtype (default x's dtype); the output has the
-    residual's dtype promoted with it, or compute_dtype without residual. recompute: the backward
-    recomputes a1 and e (half the saved bytes, 2 more GEMMs) instead of saving them (above)."""
+    residual's dtype promoted with it, or compute_dtype without residual. recompute: the backward saves
+    x_c and e and recomputes a1 and a2 (a fifth of the saved bytes, 2 more GEMMs; above)."""
     compute_dtype = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):      # the operands are cast as autocast would
         out, *_ = _ODL.apply(*odl_operands(x, D, D1, residual, compute_dtype, contiguous=False), step_size,

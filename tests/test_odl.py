@@ -127,7 +127,7 @@ def test_odl_recompute_matches_reference(impl, lead, d, dtype):
 
 @numpy_nan_warnings
 # The backward is one function for both impls; recompute=True runs it on recomputed a1 and a2.
-@pytest.mark.parametrize("impl,recompute", [("torch", False), ("torch", True), ("triton", False)])
+@pytest.mark.parametrize("impl,recompute", [("torch", False), ("torch", True), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("where,index", [("x", (3,)), ("D", (5,)), ("dout", (3,))])
 @pytest.mark.parametrize("poison", ["nan", "nan_row", "+inf", "-inf", "+inf_row", "-inf_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

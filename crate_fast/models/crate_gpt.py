@@ -58,9 +58,11 @@ class CRATEGPTConfig(ConfigBase):
     0.1 in crate-lm), dropout (embedding, attention and residual dropout; 0 in crate-lm's recipes), impl
     (crate_fast.kernels.IMPLS; it never changes parameters), recompute (the memory-lean backward: the
     attention saves each row's log-sum-exp instead of its probabilities and the overcomplete sparse coding
-    saves its input and first residual instead of both codes, recomputing them: less than half of
-    crate-lm's activation bytes for a slower step; bench_gpt.py measures both). Raises ValueError on any
-    invalid field."""
+    saves its input and first residual instead of both codes, recomputing them: about half of crate-lm's
+    activation bytes for a slower step; bench_gpt.py measures both. It changes what impl="torch" saves,
+    and the sparse coding's bytes under impl="triton" (whose attention never saves the probabilities);
+    impl="reference" and attention dropout while training run autograd of the reference, which it does
+    not change). Raises ValueError on any invalid field."""
 
     dim: int
     depth: int
