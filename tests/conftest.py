@@ -5,6 +5,10 @@ modules lazily, so setting it here (after torch, before the kernels) is early en
 """
 import math
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -42,6 +46,51 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "ffcv" in item.keywords and not HAS_FFCV:
             item.add_marker(skip_ffcv)
+    # The AOT check compiles every kernel configuration (about 6 minutes of both cores here). When the
+    # session selects its test, the check starts now, niced, and uses the cores the other tests leave
+    # idle (subprocess start-up, torchrun rendezvous, waits); its test runs last and reads the result.
+    aot = [item for item in items if item.nodeid.startswith(AOT_TEST)]
+    if aot:
+        items[:] = [item for item in items if item not in aot] + aot
+        start_aot_check()
+
+
+# ------------------------------------------------------------------------------------------------
+# The AOT check, run in the background (tests/test_aot_check.py reads it)
+# ------------------------------------------------------------------------------------------------
+AOT_TEST = "tests/test_aot_check.py"
+_AOT = {}                      # "proc": the aot_check process, "dir": its JSON and output
+
+
+def start_aot_check() -> None:
+    """python -m crate_fast.kernels.aot_check --quiet --json DIR/aot.json, niced, output to DIR/out.txt
+    (a file, not a pipe nobody reads until the end); started once per session."""
+    if _AOT:
+        return
+    _AOT["dir"] = tempfile.mkdtemp(prefix="crate_fast_aot_test_")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compile real kernels
+    with open(os.path.join(_AOT["dir"], "out.txt"), "w") as out:
+        _AOT["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "crate_fast.kernels.aot_check", "--quiet", "--json",
+             os.path.join(_AOT["dir"], "aot.json")], stdout=out, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=lambda: os.nice(19))
+
+
+def aot_check_result(timeout: float) -> tuple[int, str, str]:
+    """(exit status, output, JSON path) of the session's AOT check (started now if collection did not),
+    waiting at most `timeout` seconds (subprocess.TimeoutExpired past it)."""
+    start_aot_check()
+    code = _AOT["proc"].wait(timeout=timeout)
+    with open(os.path.join(_AOT["dir"], "out.txt")) as f:
+        return code, f.read(), os.path.join(_AOT["dir"], "aot.json")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "proc" in _AOT and _AOT["proc"].poll() is None:       # the session ended first (-x, Ctrl-C)
+        _AOT["proc"].kill()
+        _AOT["proc"].wait()
+    if "dir" in _AOT:
+        shutil.rmtree(_AOT["dir"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
