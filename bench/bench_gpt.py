@@ -50,8 +50,8 @@ def _build(provider: str, block_size: int = T):
         model = OvercompleteCRATE(cfg)
     else:
         # recompute: on the torch path on CPU; on a GPU with the Triton kernels (whose attention keeps no P)
-        impl = "torch" if provider in ("compile", "checkpointing") or (provider == "recompute" and not CUDA) \
-            else "triton" if provider == "recompute" else provider
+        impl = {"compile": "torch", "checkpointing": "torch", "recompute": "triton" if CUDA else "torch"}.get(
+            provider, provider)
         model = create_model("crate_gpt_base", **SIZE, block_size=block_size, impl=impl,
                              recompute=provider == "recompute")
         load_official_state_dict(model, OvercompleteCRATE(cfg).state_dict())

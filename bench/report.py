@@ -133,9 +133,8 @@ def gpt_tables(run: dict) -> list[str]:
     if "crate_lm" not in steps:
         return []
     base_s, base = steps["crate_lm"]
-    p = base
-    out = [f"**CRATE-GPT train step** ({_head(run)}); d {p['dim']}, {p['depth']} layers, T {p['seq']}, batch "
-           f"{p['batch']}; " + ("tokens/s" if run["gpu"] else "speed") + " and saved activations against "
+    out = [f"**CRATE-GPT train step** ({_head(run)}); d {base['dim']}, {base['depth']} layers, T {base['seq']}, "
+           f"batch {base['batch']}; " + ("tokens/s" if run["gpu"] else "speed") + " and saved activations against "
            "crate-lm's modules", "", "| provider | step speed | saved activations |", "|---|---|---|"]
     for prov, (sec, q) in steps.items():
         speed = f"{base_s / sec:.2f}x" if not run["gpu"] else f"{q['tokens_per_s']:,.0f} ({base_s / sec:.2f}x)"

@@ -21,11 +21,9 @@ def device_for(impl: str) -> str:
 
 
 def attention(w, impl: str, **kwargs):
-    """mssa_attention under a test's impl name, where "torch_recompute" is impl="torch" with recompute=True
-    (the probabilities recomputed from the saved log-sum-exp in the backward)."""
-    if impl == "torch_recompute":
-        return mssa_attention(w, impl="torch", recompute=True, **kwargs)
-    return mssa_attention(w, impl=impl, **kwargs)
+    """mssa_attention under a test's impl name, where "X_recompute" is impl="X" with recompute=True (the
+    probabilities recomputed from the saved log-sum-exp in the backward)."""
+    return mssa_attention(w, impl=impl.removesuffix("_recompute"), recompute=impl.endswith("_recompute"), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 counts, keys, initial weights, logits, loss and every gradient (float64 1e-10, fp32 1e-5) for every impl,
 causality, generation with the tied KV cache, the intervention, and crate-lm's checkpoints."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ import crate_fast
 from crate_fast import create_model, load_official_state_dict, to_official_state_dict
 from crate_fast.checkpoint import identify
 from crate_fast.models.crate_gpt import Intervention
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from _common import saved_activation_bytes  # noqa: E402  bench's: the storages autograd saves, parameters excluded
 
 ORACLES = {"overcomplete": (OvercompleteConfig, OvercompleteCRATE), "square": (SquareConfig, SquareCRATE)}
 TINY = dict(dim=32, depth=2, heads=4, vocab_size=97, block_size=16)
@@ -121,22 +126,6 @@ def test_every_gradient_on_the_triton_path_in_fp32(impl):
         assert_rel(p.grad.cpu(), grads_off[key].grad, FP32_RTOL, f"{impl} {name}")
 
 
-def saved_activation_bytes(model, idx, targets) -> int:
-    """Bytes of the distinct storages autograd saves for the backward of the loss, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, alive = {}, []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        alive.append(t)            # no storage is freed (and its address reused) while counting
-        return None
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
-        model(idx, targets)
-    return sum(seen.values())
-
-
 def test_recompute_saves_about_half_of_crate_lms_activation_bytes():
     """The overcomplete model, impl="torch": per layer crate-lm's autograd saves 15 (B T d) tensors' worth;
     recompute=True saves 7 (LN inputs and outputs, w, the merged heads, the sparse coding's first residual)
@@ -146,11 +135,11 @@ def test_recompute_saves_about_half_of_crate_lms_activation_bytes():
     torch.manual_seed(0)
     off = oracle("overcomplete", **sizes)
     idx, targets = tokens(2, 64, 64), tokens(2, 64, 64, seed=2)
-    theirs = saved_activation_bytes(off, idx, targets)
+    theirs = saved_activation_bytes(lambda: off(idx, targets), list(off.parameters()))
     for recompute, most in ((True, 0.55), (False, 1.15)):
         ours = create_model("crate_gpt_tiny", **sizes, impl="torch", recompute=recompute)
         load_official_state_dict(ours, off.state_dict())
-        assert saved_activation_bytes(ours, idx, targets) <= most * theirs
+        assert saved_activation_bytes(lambda m=ours: m(idx, targets), list(ours.parameters())) <= most * theirs
         assert_rel(ours(idx, targets)[1].detach(), off(idx, targets)[1].detach())
 
 
