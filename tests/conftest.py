@@ -6,6 +6,7 @@ modules lazily, so setting it here (after torch, before the kernels) is early en
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,17 +64,19 @@ _AOT = {}                      # "proc": the aot_check process, "dir": its JSON 
 
 
 def start_aot_check() -> None:
-    """python -m crate_fast.kernels.aot_check --quiet --json DIR/aot.json, niced, output to DIR/out.txt
-    (a file, not a pipe nobody reads until the end); started once per session."""
+    """python -m crate_fast.kernels.aot_check --quiet --json DIR/aot.json, niced, in its own process group
+    (its compile workers end with it), output to DIR/out.txt (a file, not a pipe nobody reads until the
+    end); started once per session."""
     if _AOT:
         return
     _AOT["dir"] = tempfile.mkdtemp(prefix="crate_fast_aot_test_")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compile real kernels
+    env["TMPDIR"] = _AOT["dir"]        # its fresh Triton cache too, so that a killed check leaves nothing
     with open(os.path.join(_AOT["dir"], "out.txt"), "w") as out:
         _AOT["proc"] = subprocess.Popen(
             [sys.executable, "-m", "crate_fast.kernels.aot_check", "--quiet", "--json",
              os.path.join(_AOT["dir"], "aot.json")], stdout=out, stderr=subprocess.STDOUT, env=env,
-            preexec_fn=lambda: os.nice(19))
+            start_new_session=True, preexec_fn=lambda: os.nice(19))
 
 
 def aot_check_result(timeout: float) -> tuple[int, str, str]:
@@ -87,7 +90,7 @@ def aot_check_result(timeout: float) -> tuple[int, str, str]:
 
 def pytest_sessionfinish(session, exitstatus):
     if "proc" in _AOT and _AOT["proc"].poll() is None:       # the session ended first (-x, Ctrl-C)
-        _AOT["proc"].kill()
+        os.killpg(_AOT["proc"].pid, signal.SIGKILL)          # the check and its compile workers
         _AOT["proc"].wait()
     if "dir" in _AOT:
         shutil.rmtree(_AOT["dir"], ignore_errors=True)
